@@ -1,0 +1,1 @@
+"""Procedural image worlds the project trains and evaluates on (see ``shapes``)."""
