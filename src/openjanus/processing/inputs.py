@@ -23,7 +23,9 @@ class Batch:
     image_mask: torch.Tensor | None = None  # (B, T) bool, positions that take image features
 
     def to(self, device) -> Batch:
-        move = (lambda t: None if t is None else t.to(device))
+        def move(tensor):
+            return None if tensor is None else tensor.to(device)
+
         return Batch(move(self.input_ids), move(self.padding_mask), move(self.pixel_values), move(self.image_mask))
 
 
