@@ -32,6 +32,8 @@ def clean_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except typer.Exit:
+            raise
         except (ValueError, RuntimeError, OSError, KeyError) as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             _fail(message)
