@@ -174,3 +174,10 @@ def test_read_config_of_official_layout_honours_size_keys(tmp_path, tokenizer_fi
     assert layout == "official"
     assert (config.vision.width, config.vq.ch, config.llm.num_kv_heads) == (32, 32, 2)
     assert config.sft_format == "deepseek"
+
+
+def test_bare_model_from_pretrained(hf_model_dir):
+    model = JanusModel.from_pretrained(hf_model_dir, dtype="float32")
+    assert isinstance(model, JanusModel) and model.config.vision.image_size == 32
+    state = _tensors(hf_model_dir)
+    assert torch.equal(model.gen_embed.weight, state["model.generation_embeddings.weight"])
