@@ -226,5 +226,13 @@ def info(
                f"in fp32; KV cache ~{report['kv_cache_mb_per_image_bf16']:.0f} MB per guided image in bf16")
 
 
+def _register_subcommands() -> None:
+    from .eval.cli import register as register_eval
+
+    register_eval(app)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     app()
