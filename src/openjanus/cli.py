@@ -226,6 +226,24 @@ def info(
                f"in fp32; KV cache ~{report['kv_cache_mb_per_image_bf16']:.0f} MB per guided image in bf16")
 
 
+@app.command()
+@clean_errors
+def bench(
+    size: Annotated[str, typer.Option(help="tiny, janus-pro-1b, janus-1.3b or janus-pro-7b")] = "tiny",
+    dtype: Annotated[str, typer.Option(help="bfloat16 or float32")] = "bfloat16",
+    repeats: Annotated[int, typer.Option()] = 3,
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Speed and memory against the transformers port on identical random weights (needs transformers)."""
+    from .bench import format_table, run
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        _fail("the benchmark compares with transformers: pip install transformers")
+    typer.echo(format_table(run(size, dtype, repeats=repeats, out=out)))
+
+
 def _register_subcommands() -> None:
     from .eval.cli import register as register_eval
 

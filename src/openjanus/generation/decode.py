@@ -56,14 +56,14 @@ def unconditional_ids(input_ids: torch.Tensor, padding_mask: torch.Tensor, pad_i
 def generate_image_tokens(model: JanusModel, input_ids: torch.Tensor, padding_mask: torch.Tensor, pad_id: int,
                           guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int | None = None,
                           top_p: float | None = None, generator: torch.Generator | None = None,
-                          on_step: Callable[[], None] | None = None) -> torch.Tensor:
+                          on_step: Callable[[], None] | None = None, num_tokens: int | None = None) -> torch.Tensor:
     """Image-token grid (N, num_image_tokens) for left-padded prompts ending in <begin_of_image>.
 
     Conditional and unconditional rows run as one batch of 2N rows (halves),
-    logits = uncond + w * (cond - uncond).
+    logits = uncond + w * (cond - uncond). `num_tokens` (default: a whole image) lets benchmarks run part of it.
     """
     n = input_ids.shape[0]
-    num_tokens = model.config.num_image_tokens
+    num_tokens = num_tokens or model.config.num_image_tokens
     ids = torch.cat([input_ids, unconditional_ids(input_ids, padding_mask, pad_id)])
     mask = torch.cat([padding_mask, padding_mask])
     cache, hidden, next_pos = _prefill(model, model.embed_text(ids), mask, num_tokens)

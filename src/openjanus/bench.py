@@ -1,0 +1,173 @@
+"""Speed and memory of openjanus against the transformers port on identical random weights.
+
+Both systems load the same checkpoint (written once in the transformers layout) and are timed
+interleaved, in one run, with warm-up and repeats; results are ratios, never absolute claims.
+Per-step times are differences between two run lengths, so prefill and set-up cancel out.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .config import JanusConfig, get_preset
+from .generation import generate_image_tokens, stream_text
+from .model import JanusModel
+from .weights import load_checkpoint, save_checkpoint
+
+CACHE = Path.home() / ".cache" / "openjanus" / "bench"
+
+
+def tiny_config() -> JanusConfig:
+    """A small model with the official structure, for smoke runs."""
+    config = get_preset("janus-pro-1b")
+    config.llm.hidden_size, config.llm.intermediate_size, config.llm.num_layers = 256, 688, 4
+    config.llm.num_heads = config.llm.num_kv_heads = 4
+    config.llm.vocab_size = 1024
+    config.vision.width, config.vision.layers, config.vision.heads, config.vision.image_size = 128, 2, 2, 128
+    config.vq.ch, config.vq.codebook_size = 32, 1024
+    return config.validate()
+
+
+def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
+    """Best-of read bandwidth in GB/s from summing a large float32 tensor."""
+    x = torch.ones(int(gigabytes * 1e9 / 4))
+    best = min(_timed(lambda: x.sum()) for _ in range(repeats))
+    return x.numel() * 4 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _per_step(run: Callable[[int], object], short: int, long: int, repeats: int) -> float:
+    """Seconds per step from the best times of a short and a long run."""
+    run(short)  # warm-up
+    best_short = min(_timed(lambda: run(short)) for _ in range(repeats))
+    best_long = min(_timed(lambda: run(long)) for _ in range(repeats))
+    return max(best_long - best_short, 1e-9) / (long - short)
+
+
+def _checkpoint(name: str, config: JanusConfig, dtype: torch.dtype) -> Path:
+    """Random weights in the transformers layout, written once and reused."""
+    path = CACHE / f"{name}-{str(dtype).removeprefix('torch.')}"
+    if (path / "config.json").exists():
+        return path
+    with torch.device("meta"):
+        model = JanusModel(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    save_checkpoint(model, path, "hf", image_token_id=config.llm.vocab_size - 1)
+    return path
+
+
+def _step_bytes(model: JanusModel, rows: int, context: int) -> int:
+    """Bytes one guided image step must read: LLM layers, heads, adaptor, KV cache."""
+    parts = [model.backbone.layers, model.backbone.norm, model.gen_head, model.gen_aligner]
+    weights = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    llm = model.config.llm
+    element = model.backbone.embed_tokens.weight.element_size()
+    kv = 2 * llm.num_layers * rows * llm.num_kv_heads * llm.head_dim * context * element
+    return weights + kv
+
+
+def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = (1, 4),
+        steps: tuple[int, int] = (4, 12), repeats: int = 3, out: Path | None = None) -> dict:
+    """Benchmark openjanus against transformers at one size; returns (and optionally writes) the results."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    config = tiny_config() if size == "tiny" else get_preset(size)
+    path = _checkpoint(size, config, torch_dtype)
+    results: dict = {"size": size, "dtype": dtype, "machine": platform.processor() or platform.machine(),
+                     "threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "read_bandwidth_gb_s": read_bandwidth()}
+    ours = load_checkpoint(path, dtype=torch_dtype).model
+    port = transformers.JanusForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+    vocab = config.llm.vocab_size
+    bos, boi, pad = 1, 2, 3
+    port.generation_config.generation_kwargs = {"boi_token_id": boi}
+    prompt = torch.randint(10, vocab - 10, (1, 24), generator=torch.Generator().manual_seed(1))
+    prompt[0, 0], prompt[0, -1] = bos, boi
+
+    for batch in batches:
+        ids = prompt.repeat(batch, 1)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+
+        def ours_image(k: int, ids=ids, mask=mask):
+            generate_image_tokens(ours, ids, mask, pad, 5.0, 1.0, num_tokens=k)
+
+        def port_image(k: int, ids=ids):
+            port.model.vision_model.config.num_image_tokens = k
+            port.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                          do_sample=True, guidance_scale=5.0, bos_token_id=bos, pad_token_id=pad)
+
+        with torch.inference_mode():
+            ours_step = _per_step(ours_image, *steps, repeats)
+            port_step = _per_step(port_image, *steps, repeats)
+        tokens = config.num_image_tokens
+        step_bytes = _step_bytes(ours, 2 * batch, 24 + tokens // 2)
+        results[f"image_batch{batch}"] = {
+            "openjanus_s_per_step": ours_step, "port_s_per_step": port_step,
+            "openjanus_s_per_image": ours_step * tokens / batch, "port_s_per_image": port_step * tokens / batch,
+            "openjanus_image_tokens_per_s": batch / ours_step, "port_image_tokens_per_s": batch / port_step,
+            "speedup": port_step / ours_step,
+            "openjanus_bandwidth_gb_s": step_bytes / ours_step / 1e9,
+            "bandwidth_fraction": step_bytes / ours_step / 1e9 / results["read_bandwidth_gb_s"],
+        }
+        gc.collect()
+
+    text_ids = torch.randint(10, vocab - 10, (1, 50), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(text_ids, dtype=torch.bool)
+
+    def ours_decode(k: int):
+        for _ in stream_text(ours, ours.embed_text(text_ids), mask, k, eos_id=-1):
+            pass
+
+    def port_decode(k: int):
+        port.generate(input_ids=text_ids, attention_mask=torch.ones_like(text_ids), max_new_tokens=k,
+                      min_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=pad)
+
+    with torch.inference_mode():
+        ours_tok = _per_step(ours_decode, *steps, repeats)
+        port_tok = _per_step(port_decode, *steps, repeats)
+    results["text_decode"] = {"openjanus_tokens_per_s": 1 / ours_tok, "port_tokens_per_s": 1 / port_tok,
+                              "speedup": port_tok / ours_tok}
+    results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    results["weights_gb"] = sum(t.numel() * t.element_size() for t in ours.state_dict().values()) / 1e9
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of a `run` result."""
+    lines = [f"size {results['size']} {results['dtype']}, read bandwidth {results['read_bandwidth_gb_s']:.1f} GB/s, "
+             f"{results['threads']} threads, torch {results['torch']}, transformers {results['transformers']}",
+             f"{'measure':34s} {'openjanus':>12s} {'transformers':>12s} {'ratio':>7s}"]
+    for key, value in results.items():
+        if key.startswith("image_batch"):
+            lines.append(f"{key + ' s/image':34s} {value['openjanus_s_per_image']:12.3f} "
+                         f"{value['port_s_per_image']:12.3f} {value['speedup']:7.2f}x")
+            lines.append(f"{key + ' bandwidth GB/s (fraction)':34s} {value['openjanus_bandwidth_gb_s']:12.1f} "
+                         f"{'':>12s} {value['bandwidth_fraction']:7.0%}")
+    text = results["text_decode"]
+    lines.append(f"{'text decode tokens/s':34s} {text['openjanus_tokens_per_s']:12.1f} "
+                 f"{text['port_tokens_per_s']:12.1f} {text['speedup']:7.2f}x")
+    lines.append(f"peak RSS {results['peak_rss_gb']:.2f} GB "
+                 f"(both systems loaded; weights {results['weights_gb']:.2f} GB each)")
+    return "\n".join(lines)
