@@ -246,8 +246,10 @@ def bench(
 
 def _register_subcommands() -> None:
     from .eval.cli import register as register_eval
+    from .serve.cli import register as register_serve
 
     register_eval(app)
+    register_serve(app)
 
 
 _register_subcommands()

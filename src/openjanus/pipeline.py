@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +133,13 @@ class JanusPipeline:
     def generate_image_tokens(self, prompts: str | Sequence[str], num_images_per_prompt: int = 1,
                               guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int | None = None,
                               top_p: float | None = None, seed: int | None = None,
-                              progress: bool = True, cfg_weight: float | None = None) -> torch.Tensor:
-        """Image-token grids (len(prompts) * num_images_per_prompt, tokens), prompt-major."""
+                              progress: bool = True, cfg_weight: float | None = None,
+                              on_step: Callable[[], None] | None = None) -> torch.Tensor:
+        """Image-token grids (len(prompts) * num_images_per_prompt, tokens), prompt-major.
+
+        `on_step` is called after every image token (for progress or cancellation: an exception it
+        raises stops the generation).
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("no prompt given")
@@ -153,10 +158,16 @@ class JanusPipeline:
                              f"{self.config.num_image_tokens} image tokens exceed the context of "
                              f"{self.config.llm.context_length}")
         bar = tqdm(total=self.config.num_image_tokens, desc="image tokens", disable=not progress, leave=False)
+
+        def step() -> None:
+            bar.update()
+            if on_step is not None:
+                on_step()
+
         try:
             return generate_image_tokens(self.model, batch.input_ids, batch.padding_mask, self.tokenizer.pad_id,
                                          guidance_scale, temperature, top_k, top_p,
-                                         make_generator(seed, self.device), on_step=bar.update)
+                                         make_generator(seed, self.device), on_step=step)
         finally:
             bar.close()
 

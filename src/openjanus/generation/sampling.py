@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+# Temperatures this small would overflow logits / temperature into inf and NaN; they mean greedy anyway.
+GREEDY_BELOW = 1e-5
+
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Reject out-of-range sampling settings with a clear message."""
@@ -18,7 +21,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of `logits` (B, V); temperature 0 means greedy argmax."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k:
@@ -29,6 +32,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token once the mass before it already reaches top_p; the first token always stays.
         drop = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
