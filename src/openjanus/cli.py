@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from .cli_errors import clean_errors, fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DeepSeek Janus / Janus-Pro: chat about images, generate images, convert checkpoints.")
@@ -18,30 +19,6 @@ ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Checkpo
                                                      "default: the shipped model.")]
 DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")]
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=1)
-
-
-def clean_errors(func):
-    """Turn expected failures into one line on stderr and exit code 1: never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except (ValueError, RuntimeError, OSError, KeyError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            _fail(message)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(code=130) from None
-
-    return wrapper
 
 
 def _pipeline(model: Path | None, device: str | None, dtype: str | None):
@@ -92,7 +69,7 @@ def ask(
 ) -> None:
     """Answer a question about one or more images: openjanus ask IMAGE [IMAGE...] QUESTION."""
     if len(image) < 2:
-        _fail("give at least one image and a question: openjanus ask IMAGE QUESTION")
+        fail("give at least one image and a question: openjanus ask IMAGE QUESTION")
     *images, question = image
     pipe = _pipeline(model, device, dtype)
     pieces = pipe.chat([{"role": "user", "content": str(question), "images": [str(p) for p in images]}],
@@ -169,9 +146,9 @@ def convert(
     from .weights import LAYOUTS, load_checkpoint, save_checkpoint
 
     if to not in LAYOUTS:
-        _fail(f"--to must be one of {', '.join(LAYOUTS)}")
+        fail(f"--to must be one of {', '.join(LAYOUTS)}")
     if dst.resolve() == src.resolve():
-        _fail("destination must differ from the source")
+        fail("destination must differ from the source")
     checkpoint = load_checkpoint(src, device="cpu", dtype=dtype)
     tokenizer = JanusTokenizer.from_file(src / "tokenizer.json")
     save_checkpoint(checkpoint.model, dst, to, tokenizer_file=src / "tokenizer.json",
@@ -240,7 +217,7 @@ def bench(
     try:
         import transformers  # noqa: F401
     except ImportError:
-        _fail("the benchmark compares with transformers: pip install transformers")
+        fail("the benchmark compares with transformers: pip install transformers")
     typer.echo(format_table(run(size, dtype, repeats=repeats, out=out)))
 
 

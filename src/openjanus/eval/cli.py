@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from ..cli_errors import clean_errors
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Exact offline evaluations (shapes-GenEval, shapes-VQA) and GenEval exports.")
@@ -28,26 +29,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
 
 
-def _one_line_errors(func):
-    """Expected failures become one red line on stderr and exit code 1, never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except (ValueError, RuntimeError, OSError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(code=1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(code=130) from None
-
-    return wrapper
-
-
 def _pipeline(model: Path | None, device: str | None, dtype: str | None):
     from ..pipeline import JanusPipeline
 
@@ -66,7 +47,7 @@ def _score(value: float | None) -> str:
 
 
 @eval_app.command("shapes-geneval")
-@_one_line_errors
+@clean_errors
 def shapes_geneval_command(
     model: ModelOption = None,
     n_per_task: Annotated[int, typer.Option("--n-per-task", help="Held-out prompts per task.")] = 100,
@@ -94,7 +75,7 @@ def shapes_geneval_command(
 
 
 @eval_app.command("shapes-vqa")
-@_one_line_errors
+@clean_errors
 def shapes_vqa_command(
     model: ModelOption = None,
     n_per_family: Annotated[int, typer.Option("--n-per-family", help="Held-out questions per family.")] = 100,
@@ -118,7 +99,7 @@ def shapes_vqa_command(
 
 
 @eval_app.command("geneval-export")
-@_one_line_errors
+@clean_errors
 def geneval_export_command(
     prompts: Annotated[Path, typer.Option("--prompts", help="GenEval metadata JSONL (e.g. "
                                                             "evaluation_metadata.jsonl).")],
@@ -145,7 +126,7 @@ def geneval_export_command(
 
 
 @eval_app.command("shapes-metadata")
-@_one_line_errors
+@clean_errors
 def shapes_metadata_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file to write.")],
     n_per_task: Annotated[int, typer.Option("--n-per-task", help="Held-out prompts per task.")] = 100,

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ..cli_errors import EXPECTED, fail, first_line
+
 
 def register(app: typer.Typer) -> None:
     """Add the `serve` command to a Typer app (the openjanus CLI)."""
@@ -53,9 +55,8 @@ def serve(
 
         from .app import create_app
     except ImportError:
-        typer.echo("error: the server needs its extra: pip install 'openjanus[serve]'", err=True)
-        raise typer.Exit(code=1) from None
-    from ..pipeline import JanusPipeline, ModelNotAvailableError, default_model_dir
+        fail("the server needs its extra: pip install 'openjanus[serve]'")
+    from ..pipeline import JanusPipeline, default_model_dir
     from .settings import ServeSettings
 
     try:
@@ -65,13 +66,8 @@ def serve(
                                  request_timeout=request_timeout, max_batch_size=max_batch_size,
                                  max_image_rows=max_image_rows)
         pipe = JanusPipeline.from_pretrained(model, device=device, dtype=dtype)
-    except ModelNotAvailableError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=1) from None
-    except (ValueError, RuntimeError, OSError, KeyError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(code=1) from None
+    except EXPECTED as error:
+        fail(first_line(error))
     if not _is_loopback(host) and not settings.api_key:
         typer.echo(f"warning: serving on {host} without an API key: anyone who can reach this port can use "
                    "the model (set --api-key or OPENJANUS_API_KEY)", err=True)
