@@ -224,7 +224,9 @@ def bench(
 def _register_subcommands() -> None:
     from .eval.cli import register as register_eval
     from .serve.cli import register as register_serve
+    from .train.cli import register as register_train
 
+    register_train(app)
     register_eval(app)
     register_serve(app)
 

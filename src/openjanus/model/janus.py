@@ -73,6 +73,7 @@ class JanusModel(nn.Module):
         embeds = self.embed_text(input_ids)
         if pixel_values is not None and pixel_values.shape[0] > 0:
             features = self.embed_images(pixel_values.to(embeds.dtype)).reshape(-1, embeds.shape[-1])
+            features = features.to(embeds.dtype)  # autocast may compute the vision tower in another dtype
             if int(image_mask.sum()) != features.shape[0]:
                 raise ValueError(f"{int(image_mask.sum())} image positions for {features.shape[0]} image features")
             embeds = embeds.masked_scatter(image_mask[..., None], features)
