@@ -211,9 +211,13 @@ class VQModel(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
 
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-quantisation latents (B, codebook_embed_dim, h, w) of images in [-1, 1]."""
+        return self.quant_conv(self.encoder(images))
+
     def encode(self, images: torch.Tensor):
         """Quantise images in [-1, 1]: (z_q, indices (B, h*w), codebook_loss, commit_loss)."""
-        return self.quantize(self.quant_conv(self.encoder(images)))
+        return self.quantize(self.latents(images))
 
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """Pixels in about [-1, 1] from quantised latents."""

@@ -87,8 +87,8 @@ class VQObjective(nn.Module):
 
     def forward(self, batch: ImageBatch) -> LossOutput:
         images, vq = batch.images, self.model.gen_vision_model
-        # VQModel.forward, unrolled to keep the encoder outputs for codebook restarts.
-        latents = vq.quant_conv(vq.encoder(images))
+        # VQModel.forward, unrolled to keep the latents for codebook restarts.
+        latents = vq.latents(images)
         z_q, indices, codebook_loss, commit_loss = vq.quantize(latents)
         if batch.step < self.loss.quantize_start_step:
             # Autoencoder warm-up: no code in the way, and no pull of the latents towards still-random codes.
