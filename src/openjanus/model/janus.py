@@ -48,9 +48,9 @@ class JanusModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> JanusModel:
         """Load a checkpoint directory in any supported layout (official, transformers, openjanus)."""
-        from ..weights import load_model  # model/ itself stays free of I/O
+        from ..weights import load_checkpoint  # model/ itself stays free of I/O
 
-        return load_model(path, device=device, dtype=dtype).model
+        return load_checkpoint(path, device=device, dtype=dtype).model
 
     @property
     def backbone(self):

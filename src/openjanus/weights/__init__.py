@@ -6,7 +6,6 @@ from .io import (
     build_from_state,
     iter_tensors,
     load_checkpoint,
-    load_model,
     read_config,
     resolve_dtype,
     save_checkpoint,
@@ -14,4 +13,4 @@ from .io import (
 from .layouts import HF, LAYOUTS, OFFICIAL, OPENJANUS
 
 __all__ = ["HF", "LAYOUTS", "OFFICIAL", "OPENJANUS", "Checkpoint", "CheckpointError", "build_from_state",
-           "iter_tensors", "load_checkpoint", "load_model", "read_config", "resolve_dtype", "save_checkpoint"]
+           "iter_tensors", "load_checkpoint", "read_config", "resolve_dtype", "save_checkpoint"]

@@ -168,11 +168,6 @@ def load_checkpoint(path: str | Path, device=None, dtype=None) -> Checkpoint:
     return Checkpoint(model=model, config=config, path=path, layout=layout)
 
 
-def load_model(path, device=None, dtype=None) -> Checkpoint:
-    """Alias of `load_checkpoint` used by `JanusModel.from_pretrained`."""
-    return load_checkpoint(path, device=device, dtype=dtype)
-
-
 def _dtype_name(model: JanusModel) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
