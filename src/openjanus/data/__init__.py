@@ -1,6 +1,6 @@
-"""Training data: ShapesWorld streams generated on the fly, JSON Lines files, mixtures and token sequences."""
+"""Training data: ShapesWorld streams generated on the fly, JSON and JSON Lines files, mixtures and token sequences."""
 
-from .files import JsonlDataset, check_data_file
+from .files import DataError, DataIndex, JsonlDataset, check_data_file, scan_data_file
 from .mixture import Mixture
 from .sequences import (
     IGNORE_INDEX,
@@ -27,8 +27,9 @@ from .shapes import (
 from .tokenizer import build_shapes_tokenizer, shapes_corpus
 
 __all__ = [
-    "IGNORE_INDEX", "KINDS", "ConversationExample", "GenerationExample", "JanusBatch", "JsonlDataset", "Mixture",
-    "ShapesCaptions", "ShapesGeneration", "ShapesImages", "ShapesText", "ShapesUnderstanding", "TextExample",
-    "TokenSample", "build_shapes_tokenizer", "check_data_file", "collate", "drop_condition", "encode_conversation",
-    "encode_generation", "encode_text", "example_rng", "shapes_corpus",
+    "IGNORE_INDEX", "KINDS", "ConversationExample", "DataError", "DataIndex", "GenerationExample", "JanusBatch",
+    "JsonlDataset", "Mixture", "ShapesCaptions", "ShapesGeneration", "ShapesImages", "ShapesText",
+    "ShapesUnderstanding", "TextExample", "TokenSample", "build_shapes_tokenizer", "check_data_file", "collate",
+    "drop_condition", "encode_conversation", "encode_generation", "encode_text", "example_rng", "scan_data_file",
+    "shapes_corpus",
 ]

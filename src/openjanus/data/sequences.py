@@ -16,7 +16,7 @@ from PIL import Image
 from ..processing.chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, image_generation_prompt, render_conversation
 from ..processing.image import preprocess_image
 from ..processing.inputs import normalize_message
-from ..processing.tokenizer import JanusTokenizer
+from ..processing.tokenizer import IMAGE_TOKEN, JanusTokenizer
 from .shapes import ConversationExample, GenerationExample, TextExample
 
 IGNORE_INDEX = -100
@@ -43,6 +43,22 @@ def _shifted(ids: list[int], supervised: list[bool]) -> list[int]:
     return [ids[t + 1] if supervised[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
 
 
+def _images_per_turn(example: ConversationExample) -> list[list[Image.Image]]:
+    """The images of each turn: one per `<image_placeholder>` in order, or all before the first question."""
+    marks = [message["content"].count(IMAGE_TOKEN) for message in example.messages]
+    images = list(example.images)
+    if not sum(marks):
+        first_user = next((i for i, m in enumerate(example.messages) if m["role"] == "user"), None)
+        return [images if index == first_user else [] for index in range(len(marks))]
+    if sum(marks) != len(images):
+        raise ValueError(f"the conversation has {sum(marks)} {IMAGE_TOKEN} marks for {len(images)} images")
+    per_turn, taken = [], 0
+    for count in marks:
+        per_turn.append(images[taken:taken + count])
+        taken += count
+    return per_turn
+
+
 def encode_conversation(tokenizer: JanusTokenizer, fmt: ChatFormat, example: ConversationExample,
                         image_tokens: int, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> TokenSample:
     """Chat-formatted ids with the loss on assistant answers (and their EOS) only.
@@ -51,10 +67,8 @@ def encode_conversation(tokenizer: JanusTokenizer, fmt: ChatFormat, example: Con
     string the pipeline feeds before generating that answer.
     """
     images = list(example.images)
-    first_user = next((i for i, m in enumerate(example.messages) if m["role"] == "user"), None)
     messages = []
-    for index, message in enumerate(example.messages):
-        attached = images if index == first_user else []  # the images belong to the first user turn
+    for index, (message, attached) in enumerate(zip(example.messages, _images_per_turn(example))):
         text_message, _ = normalize_message({"role": message["role"], "content": message["content"],
                                              "images": attached}, index)
         messages.append(text_message)

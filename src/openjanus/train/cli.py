@@ -26,13 +26,15 @@ def register(app: typer.Typer) -> None:
                                                       help="Stop every stage after N steps (smoke runs).")] = None,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print parameters by component and a memory "
                                                                  "estimate per device, then exit.")] = False,
+        skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip bad records of data files (and report "
+                                                                   "how many) instead of stopping.")] = False,
     ) -> None:
         """Train a recipe: all its stages in order, resumable; launch with torchrun for several processes."""
         from .runner import run
 
         try:
             last = run(config, resume=resume, run_dir=run_dir, max_steps=max_steps, dry_run=dry_run, stage=stage,
-                       echo=typer.echo)
+                       echo=typer.echo, skip_bad=skip_bad)
         except KeyboardInterrupt:
             typer.echo("interrupted; the last checkpoint is intact: run the same command again to resume", err=True)
             raise typer.Exit(code=130) from None

@@ -27,6 +27,7 @@ COMPONENTS = ("vision_model", "aligner", "gen_vision_model", "gen_aligner", "gen
 TRAINABLE = {"vq": ("gen_vision_model",), "encoder": ("vision_model",),
              "janus": tuple(c for c in COMPONENTS if c != "gen_vision_model")}
 MIXTURE_KINDS = ("understanding", "text", "generation")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the LLM's linears
 
 
 @dataclass
@@ -69,6 +70,16 @@ class TextTowerConfig:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (through peft) on the LLM's linear layers; merged into the weights at the end of the stage."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
 class ModelSection:
     """How a stage's model starts and which components receive gradients."""
 
@@ -76,6 +87,7 @@ class ModelSection:
     train: list[str] = field(default_factory=list)
     gen_embed_init: str = "keep"  # janus: keep | codebook (copy the l2-normalised VQ codebook first)
     text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)  # encoder only
+    lora: LoraSection | None = None  # janus: `language_model` in `train` then means LoRA adapters on a frozen LLM
 
 
 @dataclass
@@ -91,7 +103,9 @@ class DataSection:
     generation: dict[str, float] = field(default_factory=lambda: {"geneval": 1.0})
     text_style: str = "plain"  # plain | chat
     caption_drop: float = 0.1  # probability that a text-to-image prompt is replaced by pads (guidance)
-    files: dict[str, str] = field(default_factory=dict)  # janus: kind -> JSON Lines file replacing ShapesWorld
+    files: dict[str, str] = field(default_factory=dict)  # janus: kind -> JSON / JSON Lines file replacing ShapesWorld
+    image_root: str = ""  # janus: where relative image paths of `files` start ("" = each file's directory)
+    skip_bad: bool = False  # janus: skip (and count) bad records of `files` instead of refusing to start
 
 
 @dataclass
@@ -181,10 +195,23 @@ class RecipeConfig:
         return [stage.name for stage in self.stages]
 
 
+# Keys added after runs existed, left out of the fingerprint at these defaults so that older checkpoints resume.
+_LATER_KEYS = {"model": {"lora": None}, "data": {"image_root": ""}}
+
+
 def training_fields(stage: StageConfig) -> dict[str, Any]:
-    """The stage's settings that change its numbers (runtime and logging excluded)."""
+    """The stage's settings that change its numbers (runtime and logging excluded).
+
+    `data.skip_bad` is left out: a resumed run re-validates its files, so it either finds the
+    same records or stops before training.
+    """
     data = dataclasses.asdict(stage)
     data.pop("runtime")
+    data["data"].pop("skip_bad")
+    for section, defaults in _LATER_KEYS.items():
+        for key, default in defaults.items():
+            if data[section][key] == default:
+                del data[section][key]
     return data
 
 
@@ -266,6 +293,8 @@ def _validate_stage(stage: StageConfig, index: int, where: str) -> None:
     _require(stage.micro_batch_size >= 0, f"{where}.micro_batch_size must be >= 0")
     _require(index > 0 or stage.model.init != "previous",
              f"{where}.model.init is 'previous' but it is the first stage; use 'scratch' or a checkpoint path")
+    if stage.model.lora is not None:
+        _validate_lora(stage, where)
     allowed = TRAINABLE[stage.task]
     _require(bool(stage.model.train), f"{where}.model.train must list at least one component")
     for component in stage.model.train:
@@ -299,6 +328,20 @@ def _validate_stage(stage: StageConfig, index: int, where: str) -> None:
         _require(key in {f.name for f in dataclasses.fields(RuntimeConfig)},
                  f"unknown config key '{where}.runtime.{key}'")
         stage.runtime[key] = _convert(typing.get_type_hints(RuntimeConfig)[key], value, f"{where}.runtime.{key}")
+
+
+def _validate_lora(stage: StageConfig, where: str) -> None:
+    lora, key = stage.model.lora, f"{where}.model.lora"
+    _require(stage.task == "janus", f"{key}: LoRA is for janus stages only, not {stage.task}")
+    _require("language_model" in stage.model.train,
+             f"{key} adapts the LLM, so {where}.model.train must list 'language_model'")
+    _require(lora.r > 0, f"{key}.r must be > 0")
+    _require(lora.alpha > 0, f"{key}.alpha must be > 0")
+    _require(0.0 <= lora.dropout < 1.0, f"{key}.dropout must be in [0, 1)")
+    _require(bool(lora.target_modules), f"{key}.target_modules must list at least one layer")
+    for name in lora.target_modules:
+        _require(name in LORA_TARGETS, f"{key}.target_modules: '{name}' is not a linear layer of the LLM "
+                                       f"(allowed: {', '.join(LORA_TARGETS)})")
 
 
 def _validate_runtime(runtime: RuntimeConfig, where: str) -> None:

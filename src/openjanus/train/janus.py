@@ -104,7 +104,8 @@ class JanusTask(Task):
         sources = {}
         for kind in self.mixture.ratios:
             if kind in data.files:
-                sources[kind] = JsonlDataset(data.files[kind], data.seed + (split == "validation"))
+                sources[kind] = JsonlDataset(data.files[kind], data.seed + (split == "validation"), kind,
+                                             data.image_root or None, data.skip_bad)
             elif kind == "understanding":
                 sources[kind] = ShapesUnderstanding(data.seed, image_size, data.understanding, split)
             elif kind == "generation":

@@ -314,6 +314,4 @@ class StageTrainer:
         if not self.context.is_main:
             return None
         prefix = "model."
-        model = JanusModel(self.task.model.config)
-        model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        return model.eval()
+        return self.task.plain_model({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}).eval()

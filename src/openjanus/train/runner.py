@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, JanusConfig
-from ..data.files import check_data_file
+from ..data.files import DataError, scan_data_file
 from ..data.tokenizer import build_shapes_tokenizer
 from ..model import JanusModel
 from ..processing.tokenizer import TOKENIZER_FILE, JanusTokenizer
@@ -32,6 +32,7 @@ from .distributed import DistributedContext, barrier, init_distributed
 from .encoder import EncoderTask
 from .janus import JanusTask
 from .loop import METRICS_FILE, StageTrainer, micro_batch_plan
+from .lora import is_lora_parameter
 from .tasks import Task, count_parameters, initialize_weights
 from .vq import VQTask
 
@@ -48,22 +49,28 @@ def default_run_dir(name: str) -> Path:
 
 def run(config_path: str | os.PathLike, resume: bool = True, run_dir: str | os.PathLike | None = None,
         max_steps: int | None = None, dry_run: bool = False, stage: str | None = None,
-        echo: Callable[[str], None] = print) -> Path | None:
+        echo: Callable[[str], None] = print, skip_bad: bool = False) -> Path | None:
     """Train a recipe (or only its stage `stage`); returns the last output directory written.
 
     With `resume`, finished stages are skipped and an interrupted one continues from its
     checkpoint; without it, the selected stages start over. `max_steps` caps every stage (smoke
-    runs; a later run resumes past it). `dry_run` prints the plan and trains nothing.
+    runs; a later run resumes past it). `dry_run` prints the plan and trains nothing. `skip_bad`
+    skips bad records of data files (as `data.skip_bad` does) instead of refusing to start.
     """
     recipe = load_recipe(config_path)
     if stage is not None and stage not in recipe.stage_names():
         raise ConfigError(f"no stage named '{stage}' in {config_path}; stages: {', '.join(recipe.stage_names())}")
     if max_steps is not None and max_steps < 1:
         raise ConfigError("--max-steps must be >= 1")
-    check_inputs(recipe)
+    if skip_bad:
+        for stage_config in recipe.stages:
+            stage_config.data.skip_bad = True
+    data_reports = check_inputs(recipe)
     owns_process_group = not dist.is_initialized()
     context = init_distributed(recipe.runtime.device)
     main_echo = echo if context.is_main else (lambda _message: None)
+    for report in data_reports:
+        main_echo(report)
     try:
         if dry_run:
             describe(recipe, context, main_echo)
@@ -82,19 +89,27 @@ def run(config_path: str | os.PathLike, resume: bool = True, run_dir: str | os.P
             dist.destroy_process_group()
 
 
-def check_inputs(recipe: RecipeConfig) -> None:
-    """Every file the recipe names exists, before anything trains."""
+def check_inputs(recipe: RecipeConfig) -> list[str]:
+    """Every file the recipe names exists and every record of its data files is usable, before anything trains.
+
+    Returns one line per data file with skipped records (`data.skip_bad`); a bad record otherwise
+    raises ConfigError naming the stage, the file and the line.
+    """
     if recipe.tokenizer.file and not Path(recipe.tokenizer.file).expanduser().is_file():
         raise ConfigError(f"tokenizer file not found: {recipe.tokenizer.file}")
+    reports = []
     for stage in recipe.stages:
         init = stage.model.init
         if init not in ("previous", "scratch") and not (Path(init).expanduser() / "config.json").is_file():
             raise ConfigError(f"stage {stage.name}: checkpoint directory not found: {init} (model.init)")
-        for path in stage.data.files.values():
+        for kind, path in stage.data.files.items():
             try:
-                check_data_file(path)
-            except FileNotFoundError as exc:
+                index = scan_data_file(path, kind, stage.data.image_root or None, stage.data.skip_bad)
+            except (FileNotFoundError, DataError) as exc:
                 raise ConfigError(f"stage {stage.name}: {exc}") from None
+            if index.bad:
+                reports.append(f"stage {stage.name}: {index.skipped_summary()}")
+    return reports
 
 
 def prepare_tokenizer(recipe: RecipeConfig, run_dir: Path, context: DistributedContext, resume: bool) -> Path:
@@ -218,6 +233,18 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:8.2f}M"
 
 
+def component_rows(name: str, module: torch.nn.Module) -> list[tuple[str, tuple[int, int]]]:
+    """(row name, (trainable, frozen)) of a component; its LoRA adapters, if any, get a row of their own."""
+    adapters = [p for n, p in module.named_parameters() if is_lora_parameter(n)]
+    if not adapters:
+        return [(name, count_parameters(module))]
+    trainable, frozen = count_parameters(module)
+    adapter_trainable = sum(p.numel() for p in adapters if p.requires_grad)
+    adapter_frozen = sum(p.numel() for p in adapters) - adapter_trainable
+    return [(name, (trainable - adapter_trainable, frozen - adapter_frozen)),
+            (f"{name} LoRA", (adapter_trainable, adapter_frozen))]
+
+
 def describe(recipe: RecipeConfig, context: DistributedContext, echo: Callable[[str], None]) -> None:
     """Print, per stage, parameters by component (trainable and frozen) and a memory estimate per device."""
     world = context.world_size
@@ -231,12 +258,16 @@ def describe(recipe: RecipeConfig, context: DistributedContext, echo: Callable[[
         echo(f"\n[{index + 1}] {stage.name} ({stage.task}): {stage.steps} steps, global batch {stage.batch_size} "
              f"= {world} x {micro} x {accumulation} accumulation, lr {stage.optim.lr:g} {stage.optim.schedule}, "
              f"{runtime.precision}")
+        lora = stage.model.lora
+        if lora is not None:
+            echo(f"    LoRA on the LLM (r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}): "
+                 f"{', '.join(lora.target_modules)}; merged into the output")
         echo(f"    {'component':22s} {'trainable':>10s} {'frozen':>10s}")
         in_model = set()
         for name, child in model.named_children():
-            trainable, frozen = count_parameters(child)
             in_model.update(id(p) for p in child.parameters())
-            echo(f"    {name:22s} {_millions(trainable):>10s} {_millions(frozen):>10s}")
+            for row, (trainable, frozen) in component_rows(name, child):
+                echo(f"    {row:22s} {_millions(trainable):>10s} {_millions(frozen):>10s}")
         extra = [p for p in task.objective.parameters() if id(p) not in in_model]
         if extra:
             extra_count = _millions(sum(p.numel() for p in extra))

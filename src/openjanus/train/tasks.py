@@ -21,6 +21,7 @@ from ..model.vision import VitBlock
 from ..processing.tokenizer import JanusTokenizer
 from .config import StageConfig
 from .distributed import DistributedContext
+from .lora import add_lora, merge_lora
 
 
 @dataclass
@@ -41,7 +42,20 @@ class Task:
     def __init__(self, stage: StageConfig, model: JanusModel, tokenizer: JanusTokenizer | None,
                  context: DistributedContext):
         self.stage, self.model, self.tokenizer, self.context = stage, model, tokenizer, context
-        freeze_except(model, stage.model.train)
+        lora = stage.model.lora
+        freeze_except(model, [c for c in stage.model.train if lora is None or c != "language_model"])
+        if lora is not None:
+            add_lora(model.language_model, lora)
+
+    def plain_model(self, state: dict[str, torch.Tensor]) -> JanusModel:
+        """A plain JanusModel with the weights `state` (this task's model layout), LoRA adapters merged in."""
+        model = JanusModel(self.model.config)
+        if self.stage.model.lora is not None:
+            add_lora(model.language_model, self.stage.model.lora)
+        model.load_state_dict(state)
+        if self.stage.model.lora is not None:
+            merge_lora(model.language_model)
+        return model
 
     def order_slots(self, step: int, slots: list[int]) -> list[int]:
         """This process's slots of step `step` in the order they are cut into micro-batches."""
