@@ -14,7 +14,10 @@ def test_bench_smoke(tmp_path, monkeypatch):
     results = bench.run("tiny", batches=(1,), steps=(2, 4), repeats=1, out=tmp_path / "r.json")
     assert (tmp_path / "r.json").exists()
     assert results["image_batch1"]["openjanus_s_per_step"] > 0 and results["text_decode"]["port_tokens_per_s"] > 0
-    assert "openjanus" in bench.format_table(results)
+    assert results["image_batch1"]["openjanus_int8_s_per_step"] > 0 and results["text_decode"]["int8_speedup"] > 0
+    assert 0.5 < results["int8_weights_gb"] / results["weights_gb"] < 1  # the vision and VQ models stay bf16
+    table = bench.format_table(results)
+    assert "openjanus" in table and "s/image int8" in table and "text decode tokens/s int8" in table
 
 
 def test_cached_greedy_image_tokens_equal_uncached_forward(tiny_model_dir):

@@ -3,6 +3,7 @@
 Both systems load the same checkpoint (written once in the transformers layout) and are timed
 interleaved, in one run, with warm-up and repeats; results are ratios, never absolute claims.
 Per-step times are differences between two run lengths, so prefill and set-up cancel out.
+With quantizations (int8 by default), openjanus is also timed on the same weights quantized.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import platform
 import resource
 import time
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ import torch
 from .config import JanusConfig, get_preset
 from .generation import generate_image_tokens, stream_text
 from .model import JanusModel
+from .model.quant import check_quantization, quantize
 from .weights import load_checkpoint, save_checkpoint
 
 CACHE = Path.home() / ".cache" / "openjanus" / "bench"
@@ -76,17 +79,30 @@ def _checkpoint(name: str, config: JanusConfig, dtype: torch.dtype) -> Path:
 def _step_bytes(model: JanusModel, rows: int, context: int) -> int:
     """Bytes one guided image step must read: LLM layers, heads, adaptor, KV cache."""
     parts = [model.backbone.layers, model.backbone.norm, model.gen_head, model.gen_aligner]
-    weights = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    weights = sum(t.numel() * t.element_size() for part in parts for t in chain(part.parameters(), part.buffers()))
     llm = model.config.llm
     element = model.backbone.embed_tokens.weight.element_size()
     kv = 2 * llm.num_layers * rows * llm.num_kv_heads * llm.head_dim * context * element
     return weights + kv
 
 
+def _weights_gb(model: JanusModel) -> float:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
+
+
 def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = (1, 4),
-        steps: tuple[int, int] = (4, 12), repeats: int = 3, out: Path | None = None) -> dict:
-    """Benchmark openjanus against transformers at one size; returns (and optionally writes) the results."""
+        steps: tuple[int, int] = (4, 12), repeats: int = 3, out: Path | None = None,
+        quantizations: tuple[str, ...] = ("int8",)) -> dict:
+    """Benchmark openjanus against transformers at one size; returns (and optionally writes) the results.
+
+    Every name in `quantizations` adds `openjanus_<name>_*` and `<name>_*` entries: openjanus on the
+    same weights quantized, against the port in `dtype`.
+    """
     import transformers
+
+    for name in quantizations:
+        if check_quantization(name) is None:
+            raise ValueError("quantizations lists quantized variants; 'none' is always measured")
 
     transformers.logging.set_verbosity_error()
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
@@ -96,6 +112,7 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
                      "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "read_bandwidth_gb_s": read_bandwidth()}
     ours = load_checkpoint(path, dtype=torch_dtype).model
+    quantized = {name: quantize(load_checkpoint(path, dtype=torch_dtype).model, name) for name in quantizations}
     port = transformers.JanusForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
     vocab = config.llm.vocab_size
     bos, boi, pad = 1, 2, 3
@@ -107,8 +124,8 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
         ids = prompt.repeat(batch, 1)
         mask = torch.ones_like(ids, dtype=torch.bool)
 
-        def ours_image(k: int, ids=ids, mask=mask):
-            generate_image_tokens(ours, ids, mask, pad, 5.0, 1.0, num_tokens=k)
+        def ours_image(k: int, ids=ids, mask=mask, model=ours):
+            generate_image_tokens(model, ids, mask, pad, 5.0, 1.0, num_tokens=k)
 
         def port_image(k: int, ids=ids):
             port.model.vision_model.config.num_image_tokens = k
@@ -117,10 +134,13 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
 
         with torch.inference_mode():
             ours_step = _per_step(ours_image, *steps, repeats)
+            quantized_steps = {name: _per_step(lambda k, m=model: ours_image(k, model=m), *steps, repeats)
+                               for name, model in quantized.items()}
             port_step = _per_step(port_image, *steps, repeats)
         tokens = config.num_image_tokens
-        step_bytes = _step_bytes(ours, 2 * batch, 24 + tokens // 2)
-        results[f"image_batch{batch}"] = {
+        context = 24 + tokens // 2
+        step_bytes = _step_bytes(ours, 2 * batch, context)
+        row = results[f"image_batch{batch}"] = {
             "openjanus_s_per_step": ours_step, "port_s_per_step": port_step,
             "openjanus_s_per_image": ours_step * tokens / batch, "port_s_per_image": port_step * tokens / batch,
             "openjanus_image_tokens_per_s": batch / ours_step, "port_image_tokens_per_s": batch / port_step,
@@ -128,13 +148,19 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
             "openjanus_bandwidth_gb_s": step_bytes / ours_step / 1e9,
             "bandwidth_fraction": step_bytes / ours_step / 1e9 / results["read_bandwidth_gb_s"],
         }
+        for name, step in quantized_steps.items():
+            gb_s = _step_bytes(quantized[name], 2 * batch, context) / step / 1e9
+            row.update({f"openjanus_{name}_s_per_step": step, f"openjanus_{name}_s_per_image": step * tokens / batch,
+                        f"openjanus_{name}_image_tokens_per_s": batch / step, f"{name}_speedup": port_step / step,
+                        f"{name}_vs_openjanus": ours_step / step, f"openjanus_{name}_bandwidth_gb_s": gb_s,
+                        f"{name}_bandwidth_fraction": gb_s / results["read_bandwidth_gb_s"]})
         gc.collect()
 
     text_ids = torch.randint(10, vocab - 10, (1, 50), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(text_ids, dtype=torch.bool)
 
-    def ours_decode(k: int):
-        for _ in stream_text(ours, ours.embed_text(text_ids), mask, k, eos_id=-1):
+    def ours_decode(k: int, model=ours):
+        for _ in stream_text(model, model.embed_text(text_ids), mask, k, eos_id=-1):
             pass
 
     def port_decode(k: int):
@@ -143,11 +169,19 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
 
     with torch.inference_mode():
         ours_tok = _per_step(ours_decode, *steps, repeats)
+        quantized_toks = {name: _per_step(lambda k, m=model: ours_decode(k, model=m), *steps, repeats)
+                          for name, model in quantized.items()}
         port_tok = _per_step(port_decode, *steps, repeats)
-    results["text_decode"] = {"openjanus_tokens_per_s": 1 / ours_tok, "port_tokens_per_s": 1 / port_tok,
-                              "speedup": port_tok / ours_tok}
+    text = results["text_decode"] = {"openjanus_tokens_per_s": 1 / ours_tok, "port_tokens_per_s": 1 / port_tok,
+                                     "speedup": port_tok / ours_tok}
+    for name, tok in quantized_toks.items():
+        text.update({f"openjanus_{name}_tokens_per_s": 1 / tok, f"{name}_speedup": port_tok / tok,
+                     f"{name}_vs_openjanus": ours_tok / tok})
     results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    results["weights_gb"] = sum(t.numel() * t.element_size() for t in ours.state_dict().values()) / 1e9
+    results["weights_gb"] = _weights_gb(ours)
+    results["quantizations"] = list(quantized)
+    for name, model in quantized.items():
+        results[f"{name}_weights_gb"] = _weights_gb(model)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
@@ -156,6 +190,7 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
 
 def format_table(results: dict) -> str:
     """A plain-text table of a `run` result."""
+    quantizations = results.get("quantizations", [])
     lines = [f"size {results['size']} {results['dtype']}, read bandwidth {results['read_bandwidth_gb_s']:.1f} GB/s, "
              f"{results['threads']} threads, torch {results['torch']}, transformers {results['transformers']}",
              f"{'measure':34s} {'openjanus':>12s} {'transformers':>12s} {'ratio':>7s}"]
@@ -165,9 +200,20 @@ def format_table(results: dict) -> str:
                          f"{value['port_s_per_image']:12.3f} {value['speedup']:7.2f}x")
             lines.append(f"{key + ' bandwidth GB/s (fraction)':34s} {value['openjanus_bandwidth_gb_s']:12.1f} "
                          f"{'':>12s} {value['bandwidth_fraction']:7.0%}")
+            for name in quantizations:
+                lines.append(f"{key + f' s/image {name}':34s} {value[f'openjanus_{name}_s_per_image']:12.3f} "
+                             f"{value['port_s_per_image']:12.3f} {value[f'{name}_speedup']:7.2f}x")
+                lines.append(f"{key + f' {name} GB/s (fraction)':34s} "
+                             f"{value[f'openjanus_{name}_bandwidth_gb_s']:12.1f} {'':>12s} "
+                             f"{value[f'{name}_bandwidth_fraction']:7.0%}")
     text = results["text_decode"]
     lines.append(f"{'text decode tokens/s':34s} {text['openjanus_tokens_per_s']:12.1f} "
                  f"{text['port_tokens_per_s']:12.1f} {text['speedup']:7.2f}x")
+    for name in quantizations:
+        lines.append(f"{f'text decode tokens/s {name}':34s} {text[f'openjanus_{name}_tokens_per_s']:12.1f} "
+                     f"{text['port_tokens_per_s']:12.1f} {text[f'{name}_speedup']:7.2f}x")
     lines.append(f"peak RSS {results['peak_rss_gb']:.2f} GB "
-                 f"(both systems loaded; weights {results['weights_gb']:.2f} GB each)")
+                 f"(all loaded at once; weights {results['weights_gb']:.2f} GB for openjanus and the port"
+                 + "".join(f", openjanus {name} {results[f'{name}_weights_gb']:.2f} GB" for name in quantizations)
+                 + ")")
     return "\n".join(lines)

@@ -19,12 +19,14 @@ ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Checkpo
                                                      "default: the shipped model.")]
 DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")]
+QuantizationOption = Annotated[str | None, typer.Option(help="int8: weight-only int8 LLM and heads (about half "
+                                                             "the weight bytes, faster on CPU); default none.")]
 
 
-def _pipeline(model: Path | None, device: str | None, dtype: str | None):
+def _pipeline(model: Path | None, device: str | None, dtype: str | None, quantization: str | None = None):
     from .pipeline import JanusPipeline
 
-    return JanusPipeline.from_pretrained(model, device=device, dtype=dtype)
+    return JanusPipeline.from_pretrained(model, device=device, dtype=dtype, quantization=quantization)
 
 
 @app.command()
@@ -42,9 +44,10 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("out"),
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Generate images from text prompts; writes PNGs named 000.png, 001.png, ... (prompt-major)."""
-    pipe = _pipeline(model, device, dtype)
+    pipe = _pipeline(model, device, dtype, quantization)
     images = pipe.generate_images(prompt, num_images_per_prompt=num_images, guidance_scale=guidance_scale,
                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,12 +69,13 @@ def ask(
     seed: Annotated[int | None, typer.Option()] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Answer a question about one or more images: openjanus ask IMAGE [IMAGE...] QUESTION."""
     if len(image) < 2:
         fail("give at least one image and a question: openjanus ask IMAGE QUESTION")
     *images, question = image
-    pipe = _pipeline(model, device, dtype)
+    pipe = _pipeline(model, device, dtype, quantization)
     pieces = pipe.chat([{"role": "user", "content": str(question), "images": [str(p) for p in images]}],
                        stream=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        top_k=top_k, seed=seed)
@@ -89,9 +93,10 @@ def chat(
     top_p: Annotated[float | None, typer.Option()] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Interactive multi-turn chat. `/image PATH` attaches an image to the next message; `/reset`, `/exit`."""
-    pipe = _pipeline(model, device, dtype)
+    pipe = _pipeline(model, device, dtype, quantization)
     history: list[dict] = []
     pending: list[str] = []
     typer.echo("openjanus chat: /image PATH attaches an image, /reset clears history, /exit quits.")
@@ -210,15 +215,21 @@ def bench(
     dtype: Annotated[str, typer.Option(help="bfloat16 or float32")] = "bfloat16",
     repeats: Annotated[int, typer.Option()] = 3,
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    quantization: Annotated[str, typer.Option(help="Also time openjanus with these weights: int8 (default) "
+                                                   "or none (skip those rows).")] = "int8",
 ) -> None:
     """Speed and memory against the transformers port on identical random weights (needs transformers)."""
     from .bench import format_table, run
+    from .model.quant import check_quantization
+
+    extra = check_quantization(quantization)
 
     try:
         import transformers  # noqa: F401
     except ImportError:
         fail("the benchmark compares with transformers: pip install transformers")
-    typer.echo(format_table(run(size, dtype, repeats=repeats, out=out)))
+    typer.echo(format_table(run(size, dtype, repeats=repeats, out=out,
+                             quantizations=(extra,) if extra else ())))
 
 
 def _register_subcommands() -> None:

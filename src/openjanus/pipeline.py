@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .config import JanusConfig
 from .generation import check_sampling, generate_image_tokens, make_generator, stream_text
 from .model import JanusModel
+from .model.quant import check_quantization, quantize
 from .processing.chat import ChatFormat, chat_format_for
 from .processing.image import tensor_to_pil
 from .processing.inputs import generation_batch, understanding_batch
@@ -59,17 +60,22 @@ class JanusPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | None = None,
-                        dtype: str | torch.dtype | None = None) -> JanusPipeline:
-        """Load a local checkpoint directory (official, transformers or openjanus layout); None = shipped model."""
+                        dtype: str | torch.dtype | None = None, quantization: str | None = None) -> JanusPipeline:
+        """Load a local checkpoint directory (official, transformers or openjanus layout); None = shipped model.
+
+        `quantization="int8"` stores the LLM's linear layers and heads as int8 with per-channel
+        scales (about half the bf16 bytes, faster decoding on CPU); the rest stays in `dtype`.
+        """
         from .weights import read_config
 
+        quantization = check_quantization(quantization)
         path = Path(path) if path is not None else default_model_dir()
         device = device or default_device()
         config, _ = read_config(path)
         dtype = resolve_dtype(dtype) or _default_dtype(device, config)
         checkpoint = load_checkpoint(path, device=device, dtype=dtype)
         tokenizer = JanusTokenizer.from_file(path / "tokenizer.json")
-        return cls(checkpoint.model, tokenizer)
+        return cls(quantize(checkpoint.model, quantization), tokenizer)
 
     @property
     def config(self) -> JanusConfig:

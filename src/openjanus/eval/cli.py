@@ -16,6 +16,7 @@ ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Checkpo
                                                      "shipped model.")]
 DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")]
+QuantizationOption = Annotated[str | None, typer.Option(help="int8: score the weight-only int8 model.")]
 OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the JSON report and sample grid.")]
 SeedOption = Annotated[int, typer.Option(help="Sampling seed; same seed and batch size, same images.")]
 ImagesOption = Annotated[int, typer.Option("--images-per-prompt", help="Images per prompt (GenEval: 4).")]
@@ -29,10 +30,10 @@ def register(app: typer.Typer) -> None:
     app.add_typer(eval_app, name="eval")
 
 
-def _pipeline(model: Path | None, device: str | None, dtype: str | None):
+def _pipeline(model: Path | None, device: str | None, dtype: str | None, quantization: str | None = None):
     from ..pipeline import JanusPipeline
 
-    return JanusPipeline.from_pretrained(model, device=device, dtype=dtype)
+    return JanusPipeline.from_pretrained(model, device=device, dtype=dtype, quantization=quantization)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -59,11 +60,12 @@ def shapes_geneval_command(
     out: OutOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Text-to-image on held-out ShapesWorld prompts, scored exactly, with oracle and tokenizer ceilings."""
     from .shapes_geneval import shapes_geneval
 
-    pipe = _pipeline(model, device, dtype)
+    pipe = _pipeline(model, device, dtype, quantization)
     report = shapes_geneval(pipe, n_per_task=n_per_task, images_per_prompt=images_per_prompt,
                             guidance_scale=guidance_scale, temperature=temperature, seed=seed,
                             batch_size=batch_size, out_dir=out)
@@ -84,11 +86,12 @@ def shapes_vqa_command(
     out: OutOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Greedy one-word answers to held-out ShapesWorld questions: accuracy per family and yes-ratios."""
     from .shapes_vqa import shapes_vqa
 
-    pipe = _pipeline(model, device, dtype)
+    pipe = _pipeline(model, device, dtype, quantization)
     report = shapes_vqa(pipe, n_per_family=n_per_family, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         out_dir=out)
     yes, expected = report["yes_ratio"], report["expected_yes_ratio"]
@@ -112,12 +115,13 @@ def geneval_export_command(
     batch_size: BatchOption = 8,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    quantization: QuantizationOption = None,
 ) -> None:
     """Generate images for GenEval prompts in the folder layout the official evaluate_images.py reads."""
     from .geneval_export import export_geneval, load_metadata
 
     metadata = load_metadata(prompts)  # fail on a bad file before loading the model
-    pipe = _pipeline(model, device, dtype)
+    pipe = _pipeline(model, device, dtype, quantization)
     summary = export_geneval(pipe, metadata, out, images_per_prompt=images_per_prompt,
                              guidance_scale=guidance_scale, temperature=temperature, seed=seed,
                              batch_size=batch_size)

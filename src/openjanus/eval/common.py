@@ -21,6 +21,17 @@ from ..processing.image import preprocess_images
 from ..worlds import shapes
 
 
+def weight_format(pipe: Any) -> str:
+    """How the evaluated weights are stored, for reports: the LLM's dtype, and "int8" when quantized."""
+    from ..model.quant import Int8Linear
+
+    model = pipe.model
+    if not isinstance(model, torch.nn.Module):  # a test's stand-in
+        return "unknown"
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return "int8" if any(isinstance(m, Int8Linear) for m in model.modules()) else dtype
+
+
 def check_positive(**values: int) -> None:
     """Raise ValueError naming the first argument that is not a positive integer."""
     for name, value in values.items():

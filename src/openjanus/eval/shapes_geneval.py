@@ -25,6 +25,7 @@ from .common import (
     mean_scores,
     shapes_image_size,
     vq_round_trip,
+    weight_format,
     write_json,
 )
 from .grids import Cell, labelled_grid
@@ -91,6 +92,7 @@ def shapes_geneval(pipe: Any, n_per_task: int = 100, images_per_prompt: int = 4,
         "images": len(flat), "guidance_scale": guidance_scale, "temperature": temperature, "seed": seed,
         "batch_size": batch_size, "image_size": size, "image_tokens": pipe.config.num_image_tokens,
         "prompt_split": "test", "prompt_seed": shapes.SPLIT_SEEDS["test"], "device": str(pipe.device),
+        "weights": weight_format(pipe),
     }
     report["timing"] = {
         "generation_s": round(generation_s, 3), "scoring_s": round(scoring_s, 3), "ceilings_s": round(ceilings_s, 3),

@@ -14,7 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..worlds import shapes
-from .common import check_positive, chunks, counts, mean_scores, shapes_image_size, write_json
+from .common import check_positive, chunks, counts, mean_scores, shapes_image_size, weight_format, write_json
 from .grids import Cell, labelled_grid
 
 REPORT_FILE = "shapes_vqa.json"
@@ -64,6 +64,7 @@ def shapes_vqa(pipe: Any, n_per_family: int = 100, batch_size: int = 16, max_new
         "n_per_family": n_per_family, "questions": len(pairs), "batch_size": batch_size,
         "max_new_tokens": max_new_tokens, "temperature": 0.0, "image_size": size, "question_split": "test",
         "question_seed": shapes.SPLIT_SEEDS["test"], "device": str(pipe.device),
+        "weights": weight_format(pipe),
     }
     report["timing"] = {
         "answer_s": round(answer_s, 3), "total_s": round(time.perf_counter() - started, 3),

@@ -2,7 +2,9 @@
 
 from .janus import GenHead, JanusModel
 from .llm import KVCache, LanguageModel
+from .quant import QUANTIZATIONS, Int8Linear, quantize_int8
 from .vision import VisionTower
 from .vq import VQModel
 
-__all__ = ["GenHead", "JanusModel", "KVCache", "LanguageModel", "VisionTower", "VQModel"]
+__all__ = ["QUANTIZATIONS", "GenHead", "Int8Linear", "JanusModel", "KVCache", "LanguageModel", "VQModel", "VisionTower",
+           "quantize_int8"]

@@ -1,0 +1,113 @@
+"""Weight-only int8 quantization: int8 weights with one scale per output channel.
+
+Decoding reads every weight once per step, so at small batch it is bound by memory bandwidth
+and halving the weight bytes (bf16 -> int8) is what makes it faster. Activations stay in the
+model's dtype; only the LLM's linear layers and its two heads are quantized (embeddings, norms,
+the vision encoder and the VQ model stay as loaded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATIONS = ("int8",)
+
+# torch's CPU int8 kernel (what gpt-fast uses) segfaults in bf16 unless the input width is a
+# multiple of 16, and it only wins while decoding: measured single-threaded on AVX-512 with 1B
+# shapes it is 2-4x faster than bf16 F.linear for 1-4 rows, even at 8, and from about 16-32 rows on
+# slower than converting the weight and calling the bf16 kernel, which is what larger inputs get.
+_KERNEL_MAX_ROWS = 16
+_KERNEL_WIDTH_MULTIPLE = 16
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+_ROWS_PER_CHUNK = 4096  # bounds the float32 temporaries while quantizing a large head
+
+
+def check_quantization(method: str | None) -> str | None:
+    """The quantization `method` names (None or "none": no quantization), else a one-line ValueError."""
+    if method is None or method == "none":
+        return None
+    if method in QUANTIZATIONS:
+        return method
+    raise ValueError(f"unknown quantization {method!r}; choose one of: none, {', '.join(QUANTIZATIONS)}")
+
+
+class Int8Linear(nn.Module):
+    """A linear layer holding int8 weights (out, in) and per-output-channel scales; y = (x @ W^T) * s + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device=None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """Symmetric round-to-nearest int8 of `linear`'s weight, one scale per output row."""
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     device=weight.device, dtype=weight.dtype)
+        for start in range(0, linear.out_features, _ROWS_PER_CHUNK):
+            rows = weight[start:start + _ROWS_PER_CHUNK].float()
+            # The scale is rounded to its stored dtype first, so the int8 codes are fitted to it.
+            scales = (rows.abs().amax(dim=1) / 127).clamp(min=1e-12).to(weight.dtype)
+            codes = (rows / scales.float()[:, None]).round().clamp(-127, 127)
+            module.weight[start:start + _ROWS_PER_CHUNK] = codes.to(torch.int8)
+            module.scales[start:start + _ROWS_PER_CHUNK] = scales
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 matrix the int8 codes and scales stand for."""
+        return self.weight.float() * self.scales.float()[:, None]
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and 0 < x.shape[0] <= _KERNEL_MAX_ROWS
+                and self.in_features % _KERNEL_WIDTH_MULTIPLE == 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        scales = self.scales.to(x.dtype)
+        if self._use_kernel(rows):
+            out = torch._weight_int8pack_mm(rows.contiguous(), self.weight, scales)
+        else:
+            out = F.linear(rows, self.weight.to(x.dtype)) * scales
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace nn.Linear modules by Int8Linear in place, one layer at a time; returns `model`.
+
+    For a JanusModel only the LLM (decoder layers and text head) and the image head are
+    quantized; for any other module every nn.Linear is. A linear whose weight is shared with
+    another module (a text head tied to the embeddings) is left as it is, so that the shared
+    tensor is not held twice.
+    """
+    from .janus import JanusModel
+
+    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    roots = [model.language_model, model.gen_head] if isinstance(model, JanusModel) else [model]
+    # Only (parent, name) pairs are kept, so each replaced layer's weight is freed before the next is quantized.
+    targets = [(parent, name) for root in roots for parent in root.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear) and id(child.weight) not in shared]
+    for parent, name in targets:
+        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
+    return model
+
+
+def quantize(model: nn.Module, method: str | None) -> nn.Module:
+    """Apply the named weight quantization in place (None: leave the model as it is)."""
+    if check_quantization(method) == "int8":
+        quantize_int8(model)
+    return model
