@@ -1,14 +1,24 @@
-"""Training checkpoints: full state (model, optimizer, scheduler, data position, RNG) in one atomic file.
+"""Training checkpoints: full state (model, optimizer, scheduler, data position, RNG), written atomically.
 
-Files are written to a temporary name and moved into place with `os.replace`, so a crash or a
+Two formats (`runtime.checkpoint_format`):
+
+    <stage>/checkpoint.pt       full: everything gathered on the main process, one file
+    <stage>/checkpoint/         sharded: a torch.distributed.checkpoint directory, each process
+        .metadata               writing its own shard of the model and optimizer state
+        __<rank>_0.distcp       (`__0_0.distcp`, `__1_0.distcp`, ...)
+        trainer.pt              step, config fingerprint, scheduler, task state, every process's RNG
+
+Both are written under a temporary name and moved into place (`os.replace`), so a crash or a
 Ctrl-C while saving always leaves the previous checkpoint intact. They hold only tensors and
-plain containers and are read back with `torch.load(weights_only=True)`.
+plain containers and are read back with `torch.load(weights_only=True)` (DCP's own reader for
+the shards; it reshards, so a run may resume on another number of processes).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +28,8 @@ import torch
 from ..config import ConfigError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+SHARDED_DIR = "checkpoint"
+TRAINER_FILE = "trainer.pt"  # the non-tensor part of a sharded checkpoint
 
 
 class ResumeError(ConfigError):
@@ -33,6 +45,36 @@ def atomic_save(state: Any, path: Path) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def staging_paths(directory: Path) -> tuple[Path, Path]:
+    """(where a sharded checkpoint is written, where the previous one waits while it is swapped in)."""
+    return directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+
+
+def recover_sharded(directory: Path) -> None:
+    """Put back the previous sharded checkpoint if a save died between the two renames of `swap_in`."""
+    retired = staging_paths(directory)[1]
+    if not directory.exists() and retired.exists():
+        os.replace(retired, directory)
+
+
+def swap_in(staging: Path, directory: Path) -> None:
+    """Replace the sharded checkpoint `directory` by the complete one at `staging`."""
+    retired = staging_paths(directory)[1]
+    shutil.rmtree(retired, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, retired)
+    os.replace(staging, directory)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def remove_checkpoints(stage_dir: Path) -> None:
+    """Delete a stage's checkpoints of either format, leftovers of interrupted saves included."""
+    (stage_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    stage_dir.joinpath(CHECKPOINT_FILE + ".tmp").unlink(missing_ok=True)
+    for directory in (stage_dir / SHARDED_DIR, *staging_paths(stage_dir / SHARDED_DIR)):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def load_state(path: Path) -> dict[str, Any]:

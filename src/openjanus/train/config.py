@@ -49,12 +49,14 @@ class RuntimeConfig:
     """Where and how a stage runs; none of it changes the numbers a run produces on one device type."""
 
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; fp32 master weights; under fsdp, blocks gathered in bf16)
     distributed: str = "ddp"  # ddp | fsdp, used when launched with torchrun on more than one process
     threads: int = 0  # torch CPU threads; 0 = torch's default
     log_every: int = 10
     checkpoint_every_steps: int = 1000
     checkpoint_every_minutes: float = 15.0
+    checkpoint_format: str = "full"  # full (checkpoint.pt, gathered on rank 0) | sharded (DCP, one shard per process)
+    activation_checkpointing: bool = False  # recompute transformer blocks' activations in the backward pass
     progress: bool = True
 
 
@@ -348,6 +350,7 @@ def _validate_runtime(runtime: RuntimeConfig, where: str) -> None:
     _require(runtime.precision in ("fp32", "bf16"), f"{where}.precision must be fp32 or bf16")
     _require(runtime.distributed in ("ddp", "fsdp"), f"{where}.distributed must be ddp or fsdp")
     _require(runtime.device in ("auto", "cpu", "cuda"), f"{where}.device must be auto, cpu or cuda")
+    _require(runtime.checkpoint_format in ("full", "sharded"), f"{where}.checkpoint_format must be full or sharded")
     _require(runtime.log_every > 0 and runtime.checkpoint_every_steps > 0,
              f"{where}: log_every and checkpoint_every_steps must be > 0")
 

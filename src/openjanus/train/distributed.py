@@ -2,6 +2,11 @@
 
 Launch with `torchrun --nproc_per_node=N -m openjanus.train CONFIG` (or the `openjanus` script);
 the backend is nccl on CUDA and gloo on CPU. With one process nothing is wrapped.
+
+FSDP2 shards every transformer block and then the rest of the objective; with `param_dtype`
+(bf16 stages) the shards stay fp32 (the optimizer's master weights) while each block is
+gathered in bf16 for its forward and backward, and gradients are reduced in fp32.
+`checkpoint_activations` makes blocks recompute their activations in the backward pass.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -58,8 +64,12 @@ def init_distributed(device_preference: str = "auto") -> DistributedContext:
 
 
 def wrap_model(module: nn.Module, strategy: str, context: DistributedContext,
-               shard_units: list[nn.Module]) -> nn.Module:
-    """DDP, or FSDP2 (`fully_shard` on every unit, then the root), when there are several processes."""
+               shard_units: list[nn.Module], param_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP, or FSDP2 (`fully_shard` on every unit, then the root), when there are several processes.
+
+    Under FSDP, `param_dtype` is the dtype parameters are gathered and computed in (gradients
+    are reduce-scattered in fp32 and the sharded parameters stay in their own dtype).
+    """
     if not context.enabled:
         return module
     if strategy == "ddp":
@@ -68,14 +78,38 @@ def wrap_model(module: nn.Module, strategy: str, context: DistributedContext,
         device_ids = [context.device] if context.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # An explicit mesh on the model's device type keeps FSDP from moving a CPU model to CUDA.
     mesh = init_device_mesh(context.device.type, (context.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for unit in shard_units:
-        fully_shard(unit, mesh=mesh)
-    fully_shard(module, mesh=mesh)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
     return module
+
+
+def checkpoint_activations(modules: list[nn.Module]) -> None:
+    """Make each module keep only its inputs for the backward pass and recompute the rest there.
+
+    The module's own `forward` is wrapped (in place, so parameter names and checkpoints do not
+    change) in non-reentrant `torch.utils.checkpoint`, which restores the random state and the
+    autocast state when it recomputes: the gradients are those of the plain forward. FSDP's hooks
+    stay outside the recomputed part, so a block's parameters are gathered once per pass. Without
+    gradients (evaluation) the plain forward runs.
+    """
+    for module in modules:
+        if getattr(module, "_openjanus_checkpointed", False):
+            continue
+        forward = module.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        module.forward = checkpointed
+        module._openjanus_checkpointed = True
 
 
 @contextmanager

@@ -130,9 +130,9 @@ class EncoderTask(Task):
     def count(self, batch: PairBatch) -> int:
         return batch.images.shape[0]
 
-    def activation_bytes(self, micro_batch_size: int, bytes_per_value: int) -> int:
-        vision, tower = self.model.config.vision, self.stage.model.text_tower
+    def activation_bytes(self, micro_batch_size: int, bytes_per_value: int, checkpointing: bool = False) -> int:
+        vision, tower = self.model.config.vision, self.stage.model.text_tower  # the text tower is not checkpointed
         return (transformer_activation_bytes(micro_batch_size * vision.num_patches, vision.width, vision.layers,
-                                             bytes_per_value)
+                                             bytes_per_value, checkpointing)
                 + transformer_activation_bytes(micro_batch_size * tower.max_length, tower.width, tower.layers,
                                                bytes_per_value))

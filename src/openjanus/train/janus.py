@@ -153,12 +153,13 @@ class JanusTask(Task):
     def tokens(self, batch: JanusBatch) -> int:
         return batch.num_tokens
 
-    def activation_bytes(self, micro_batch_size: int, bytes_per_value: int) -> int:
+    def activation_bytes(self, micro_batch_size: int, bytes_per_value: int, checkpointing: bool = False) -> int:
         config = self.model.config
         tokens = micro_batch_size * (max(config.vision.num_patches, config.num_image_tokens) + 64)
-        llm = transformer_activation_bytes(tokens, config.llm.hidden_size, config.llm.num_layers, bytes_per_value)
+        llm = transformer_activation_bytes(tokens, config.llm.hidden_size, config.llm.num_layers, bytes_per_value,
+                                           checkpointing)
         vision = transformer_activation_bytes(micro_batch_size * config.vision.num_patches, config.vision.width,
-                                              config.vision.layers, bytes_per_value)
+                                              config.vision.layers, bytes_per_value, checkpointing)
         logits = micro_batch_size * config.num_image_tokens * config.vq.codebook_size * 4 * 2
         return llm + math.ceil(vision * self.mixture_share("understanding")) + logits
 

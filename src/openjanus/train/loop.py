@@ -5,7 +5,8 @@ the loss of each micro-batch is its summed loss times world_size / (global super
 so after DDP's or FSDP's gradient averaging the gradient is the global-batch mean whatever
 the split over processes and accumulation. Then clipping, AdamW, the schedule, metrics
 (JSON Lines) and, every N steps or minutes, an atomic checkpoint from which a resumed run
-continues bit for bit.
+continues bit for bit: one full file gathered on the main process, or (`checkpoint_format:
+sharded`) a torch.distributed.checkpoint directory to which every process writes its own shard.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,7 +36,19 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError
 from ..model import JanusModel
-from .checkpoint import CHECKPOINT_FILE, atomic_save, check_resumable, load_state, rng_state, set_rng_state
+from .checkpoint import (
+    CHECKPOINT_FILE,
+    SHARDED_DIR,
+    TRAINER_FILE,
+    atomic_save,
+    check_resumable,
+    load_state,
+    recover_sharded,
+    rng_state,
+    set_rng_state,
+    staging_paths,
+    swap_in,
+)
 from .config import OptimConfig, RuntimeConfig, StageConfig, training_fields
 from .distributed import (
     DistributedContext,
@@ -40,6 +56,7 @@ from .distributed import (
     all_reduce_sum,
     barrier,
     broadcast_flag,
+    checkpoint_activations,
     gradient_sync,
     wrap_model,
 )
@@ -167,6 +184,14 @@ def _accumulate(sums: dict[str, list[torch.Tensor]], metrics: dict) -> None:
             sums[name] = [total.clone(), count.clone()]
 
 
+@contextmanager
+def _quiet_single_process():
+    """DCP warns on every save or load without a process group; one process is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _grad_norm(objective: nn.Module, max_norm: float) -> float:
     """Clip the trainable gradients to `max_norm` (0 = only measure) and return their total norm."""
     parameters = [p for p in objective.parameters() if p.grad is not None]
@@ -186,16 +211,24 @@ class StageTrainer:
         device = context.device
         self.objective = task.objective.to(device)
         task.on_device(device, runtime.distributed)
-        self.wrapped = wrap_model(self.objective, runtime.distributed, context, task.shard_units())
+        if runtime.activation_checkpointing:
+            checkpoint_activations(task.shard_units())
+        # bf16 under FSDP: blocks are gathered and run in bf16 (fp32 shards, fp32 gradient reduction).
+        param_dtype = torch.bfloat16 if runtime.precision == "bf16" else None
+        self.wrapped = wrap_model(self.objective, runtime.distributed, context, task.shard_units(), param_dtype)
         self.optimizer = build_optimizer(self.objective, stage.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, optim=stage.optim, total_steps=stage.steps))
         self.micro, self.accumulation = micro_batch_plan(stage, context.world_size)
-        self.checkpoint_path = stage_dir / CHECKPOINT_FILE
+        self.sharded = runtime.checkpoint_format == "sharded"
+        formats = [stage_dir / SHARDED_DIR, stage_dir / CHECKPOINT_FILE]
+        # The checkpoint this run writes, then the other format's (a run may switch formats and resume).
+        self.checkpoint_path, self.other_checkpoint = formats if self.sharded else formats[::-1]
         self.step = 0
 
     def autocast(self):
-        """bf16 autocast when the stage asks for it (weights and optimizer stay fp32)."""
+        """bf16 autocast when the stage asks for it (weights and optimizer stay fp32; under FSDP the blocks'
+        gathered weights are bf16 already, and autocast still keeps its fp32 ops in fp32)."""
         if self.runtime.precision != "bf16":
             return nullcontext()
         return torch.autocast(self.context.device.type, dtype=torch.bfloat16)
@@ -203,25 +236,60 @@ class StageTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
-        """Write the full training state atomically (collective: every process takes part)."""
-        model_state, optimizer_state = get_state_dict(self.objective, self.optimizer, options=FULL_STATE)
+        """Write the training state atomically in the run's format (collective: every process takes part)."""
         rngs = all_gather_objects(rng_state(), self.context)
-        if self.context.is_main:
-            atomic_save({"step": self.step, "samples": self.step * self.stage.batch_size,
-                         "config_hash": self.fingerprint, "stage_config": training_fields(self.stage),
-                         "model": model_state, "optimizer": optimizer_state,
-                         "scheduler": self.scheduler.state_dict(), "task": self.task.state_dict(),
-                         "rng": rngs, "world_size": self.context.world_size}, self.checkpoint_path)
+        trainer = {"step": self.step, "samples": self.step * self.stage.batch_size,
+                   "config_hash": self.fingerprint, "stage_config": training_fields(self.stage),
+                   "scheduler": self.scheduler.state_dict(), "task": self.task.state_dict(),
+                   "rng": rngs, "world_size": self.context.world_size}
+        if self.sharded:
+            self._save_sharded(trainer)
+        else:
+            model_state, optimizer_state = get_state_dict(self.objective, self.optimizer, options=FULL_STATE)
+            if self.context.is_main:
+                atomic_save({**trainer, "model": model_state, "optimizer": optimizer_state}, self.checkpoint_path)
+        if self.context.is_main:  # an older checkpoint of the other format would only confuse a resume
+            if self.other_checkpoint.is_dir():
+                shutil.rmtree(self.other_checkpoint)
+            else:
+                self.other_checkpoint.unlink(missing_ok=True)
         barrier(self.context)
 
+    def _save_sharded(self, trainer: dict) -> None:
+        """Every process writes its shards into a staging directory, which then replaces the checkpoint."""
+        model_state, optimizer_state = get_state_dict(self.objective, self.optimizer)
+        staging = staging_paths(self.checkpoint_path)[0]
+        if self.context.is_main:
+            recover_sharded(self.checkpoint_path)
+            shutil.rmtree(staging, ignore_errors=True)
+        barrier(self.context)
+        with _quiet_single_process():
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staging)
+        if self.context.is_main:
+            atomic_save(trainer, staging / TRAINER_FILE)
+            swap_in(staging, self.checkpoint_path)
+
     def restore(self) -> bool:
-        """Load the stage's checkpoint if there is one; refuse one written by another config."""
-        if not self.checkpoint_path.exists():
+        """Load the stage's checkpoint (either format) if there is one; refuse one written by another config."""
+        if self.context.is_main:
+            recover_sharded(self.stage_dir / SHARDED_DIR)
+        barrier(self.context)
+        path = next((p for p in (self.checkpoint_path, self.other_checkpoint) if p.exists()), None)
+        if path is None:
             return False
-        state = load_state(self.checkpoint_path)
-        check_resumable(state, self.fingerprint, training_fields(self.stage), self.checkpoint_path)
-        set_state_dict(self.objective, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        sharded = path.is_dir()
+        state = load_state(path / TRAINER_FILE if sharded else path)
+        check_resumable(state, self.fingerprint, training_fields(self.stage), path)
+        if sharded:  # DCP reads into this process's shards (resharding if the number of processes changed)
+            model_state, optimizer_state = get_state_dict(self.objective, self.optimizer)
+            tensors = {"model": model_state, "optimizer": optimizer_state}
+            with _quiet_single_process():
+                dcp.load(tensors, checkpoint_id=path)
+            set_state_dict(self.objective, self.optimizer, model_state_dict=tensors["model"],
+                           optim_state_dict=tensors["optimizer"])
+        else:
+            set_state_dict(self.objective, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(state["scheduler"])
         self.task.load_state_dict(state["task"])
         set_rng_state(state["rng"][min(self.context.rank, len(state["rng"]) - 1)])

@@ -3,7 +3,8 @@
 Run directory (default ~/.cache/openjanus/runs/<recipe name>/):
 
     tokenizer.json                  built once (ShapesWorld) unless the recipe names one
-    <stage>/checkpoint.pt           full training state, for resuming
+    <stage>/checkpoint.pt           full training state, for resuming (runtime.checkpoint_format: full)
+    <stage>/checkpoint/             the same as a sharded torch.distributed.checkpoint directory (sharded)
     <stage>/metrics.jsonl           one line per logged step, then the held-out metrics
     <stage>/output/                 the stage's model: JanusPipeline.from_pretrained(<stage>/output)
     <stage>/output/training.json    what produced it (config fingerprint, steps, final metrics)
@@ -26,7 +27,7 @@ from ..data.tokenizer import build_shapes_tokenizer
 from ..model import JanusModel
 from ..processing.tokenizer import TOKENIZER_FILE, JanusTokenizer
 from ..weights import load_checkpoint, read_config, save_checkpoint
-from .checkpoint import CHECKPOINT_FILE, check_resumable
+from .checkpoint import check_resumable, remove_checkpoints
 from .config import RecipeConfig, StageConfig, load_recipe, training_fields
 from .distributed import DistributedContext, barrier, init_distributed
 from .encoder import EncoderTask
@@ -179,8 +180,8 @@ def run_stage(recipe: RecipeConfig, index: int, run_dir: Path, tokenizer: JanusT
             echo(f"{stage.name}: done ({summary['step']}/{stage.steps} steps), skipping")
             return output_dir
     if not resume and context.is_main:
-        for stale in (stage_dir / CHECKPOINT_FILE, stage_dir / METRICS_FILE):
-            stale.unlink(missing_ok=True)
+        remove_checkpoints(stage_dir)
+        (stage_dir / METRICS_FILE).unlink(missing_ok=True)
     barrier(context)
     threads = torch.get_num_threads()
     torch.set_num_threads(runtime.threads or threads)
@@ -273,11 +274,22 @@ def describe(recipe: RecipeConfig, context: DistributedContext, echo: Callable[[
             extra_count = _millions(sum(p.numel() for p in extra))
             echo(f"    {'(trainer-only heads)':22s} {extra_count:>10s} {_millions(0):>10s}")
         trainable, frozen = count_parameters(task.objective)
-        shards = world if runtime.distributed == "fsdp" else 1
+        sharded = runtime.distributed == "fsdp" and world > 1
+        shards = world if sharded else 1
         weights = (trainable + frozen) * 4 / shards
         optimizer = trainable * (4 + 8) / shards  # gradients + AdamW moments, fp32
-        activations = task.activation_bytes(micro, 2 if runtime.precision == "bf16" else 4)
+        if sharded:  # gathered whole (in bf16 under bf16): the root's own weights, and one block at a time
+            units = [sum(p.numel() for p in unit.parameters()) for unit in task.shard_units()]
+            gathered = trainable + frozen - sum(units) + max(units, default=0)
+            weights += gathered * (2 if runtime.precision == "bf16" else 4) * (world - 1) / world
+        activations = task.activation_bytes(micro, 2 if runtime.precision == "bf16" else 4,
+                                            runtime.activation_checkpointing)
         total = weights + optimizer + activations
+        if sharded or runtime.activation_checkpointing:
+            notes = [f"FSDP over {world} processes: weights, grads and AdamW sharded"] if sharded else []
+            notes += ["activation checkpointing"] if runtime.activation_checkpointing else []
+            notes += [f"{runtime.checkpoint_format} checkpoints"]
+            echo(f"    {'; '.join(notes)}")
         echo(f"    total {_millions(trainable + frozen).strip()} parameters, {_millions(trainable).strip()} trainable; "
              f"memory per device ~{total / 2**30:.2f} GiB (weights {weights / 2**30:.2f}, grads+AdamW "
              f"{optimizer / 2**30:.2f}, activations ~{activations / 2**30:.2f}, rough)")

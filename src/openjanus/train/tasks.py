@@ -101,8 +101,9 @@ class Task:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict`."""
 
-    def activation_bytes(self, micro_batch_size: int, bytes_per_value: int) -> int:
-        """Rough activation memory of one micro-batch, for --dry-run."""
+    def activation_bytes(self, micro_batch_size: int, bytes_per_value: int, checkpointing: bool = False) -> int:
+        """Rough activation memory of one micro-batch, for --dry-run (`checkpointing`: activation checkpointing
+        of the transformer blocks)."""
         return 0
 
 
@@ -140,6 +141,12 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in module.parameters()) - trainable
 
 
-def transformer_activation_bytes(tokens: int, width: int, layers: int, bytes_per_value: int) -> int:
-    """About 17 saved values per token, channel and layer in a pre-norm block with fused attention."""
-    return tokens * width * layers * 17 * bytes_per_value
+def transformer_activation_bytes(tokens: int, width: int, layers: int, bytes_per_value: int,
+                                 checkpointing: bool = False) -> int:
+    """About 17 saved values per token, channel and layer in a pre-norm block with fused attention.
+
+    With activation checkpointing every block keeps only its input (one value), and the block
+    being recomputed in the backward pass holds its 17 again.
+    """
+    values = layers + 16 if checkpointing and layers else 17 * layers
+    return tokens * width * values * bytes_per_value

@@ -264,7 +264,8 @@ class VQTask(Task):
             "eval_checker_oracle": world.score_images(zip(renders, prompts))["overall"],
         }
 
-    def activation_bytes(self, micro_batch_size: int, bytes_per_value: int) -> int:
+    def activation_bytes(self, micro_batch_size: int, bytes_per_value: int, checkpointing: bool = False) -> int:
+        # No transformer blocks: activation checkpointing changes nothing here.
         config = self.model.config.vq
         side = self.stage.data.crop_size or self.model.config.image_size
         per_image = 0
