@@ -77,3 +77,22 @@ def test_bad_model_dir_is_one_line(tmp_path, runs):
     result = CliRunner().invoke(make_cli(), ["serve", "--model", str(tmp_path)])
     assert result.exit_code == 1 and not runs
     assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("error:")
+
+
+def test_serve_without_arguments_serves_the_shipped_model(runs):
+    from fastapi.testclient import TestClient
+
+    result = CliRunner().invoke(make_cli(), ["serve"])
+    assert result.exit_code == 0, result.output
+    (app, kwargs), = runs
+    assert app.state.settings.model_id == "shapes-tiny"
+    with TestClient(app) as client:
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["shapes-tiny"]
+        images = client.post("/v1/images/generations", json={"prompt": "a photo of a red circle", "seed": 0})
+        assert images.status_code == 200
+        png = images.json()["data"][0]["b64_json"]
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What color is the circle?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}},
+        ]}], "max_tokens": 8})
+        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].strip()
