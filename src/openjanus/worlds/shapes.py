@@ -3,6 +3,11 @@
 Implements the contract in ``shared/spec/shapes-world.md``. Coordinates are pixels
 of a square canvas of side ``S`` with y growing downwards; a shape's size is its
 circumradius ``r``. Numpy and Pillow only, so data workers never import torch.
+
+Beyond the spec, for experiments such as teaching a trained model a new concept: a
+``Vocabulary`` made by ``extend_vocabulary`` adds colours (name -> RGB) and the shapes of
+``EXTRA_SHAPES`` to the spec's, and the sampling functions and the checker take it as
+``vocab=``. Without it (the default) everything is the spec's world, unchanged.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 from PIL import Image
@@ -65,7 +71,16 @@ SHAPE_SIGNATURES: dict[str, tuple[float, float]] = {
     "triangle": (3 * math.sqrt(3) / (4 * math.pi), 0.5),
 }
 
+# Not in the spec: shapes a Vocabulary may add. A rectangle is axis-aligned and three times as wide
+# as it is high, its corners on the circumcircle: half-sides 3r / sqrt(10) and r / sqrt(10).
+EXTRA_SHAPES: tuple[str, ...] = ("rectangle",)
+EXTRA_SHAPE_SIGNATURES: dict[str, tuple[float, float]] = {"rectangle": (1.2 / math.pi, 1.0)}
+_SIGNATURES = {**SHAPE_SIGNATURES, **EXTRA_SHAPE_SIGNATURES}
+# Extra colours must stand this far (RGB distance) from every other colour of their vocabulary.
+MIN_COLOR_DISTANCE = 60.0
+
 _SQRT3 = math.sqrt(3.0)
+_SQRT10 = math.sqrt(10.0)
 Box = tuple[float, float, float, float]
 
 
@@ -78,12 +93,27 @@ class ShapeObject:
     cx: float
     cy: float
     r: float
+    # Only for a colour outside the spec's palette (see Vocabulary); None for the spec's colours.
+    rgb: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.shape not in SHAPES:
+        if self.shape not in SHAPES and self.shape not in EXTRA_SHAPES:
             raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
-        if self.color not in PALETTE:
-            raise ValueError(f"unknown color {self.color!r}; expected one of {COLORS}")
+        if self.rgb is None:
+            if self.color not in PALETTE:
+                raise ValueError(f"unknown color {self.color!r}; expected one of {COLORS}")
+            return
+        rgb = _check_rgb(self.rgb, self.color)
+        if self.color in PALETTE:
+            if rgb != PALETTE[self.color]:
+                raise ValueError(f"color {self.color!r} is {PALETTE[self.color]} in the spec's palette, not {rgb}")
+            rgb = None
+        object.__setattr__(self, "rgb", rgb)
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """The RGB the object is drawn with."""
+        return PALETTE[self.color] if self.rgb is None else self.rgb
 
 
 @dataclass(frozen=True)
@@ -126,6 +156,74 @@ class DetectedObject:
 
 
 # ---------------------------------------------------------------------------
+# Vocabularies beyond the spec
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The colours (name -> RGB) and shapes that scenes, prompts, questions and the checker use."""
+
+    palette: Mapping[str, tuple[int, int, int]]
+    shapes: tuple[str, ...]
+
+    @property
+    def colors(self) -> tuple[str, ...]:
+        """Colour names, in palette order."""
+        return tuple(self.palette)
+
+    def rgb(self, color: str) -> tuple[int, int, int] | None:
+        """What an object of ``color`` carries as ``rgb``: None for the spec's colours."""
+        return None if color in PALETTE or color not in self.palette else self.palette[color]
+
+
+SPEC_VOCABULARY = Vocabulary(MappingProxyType(dict(PALETTE)), SHAPES)
+
+
+def _check_rgb(rgb: Sequence[int], name: str) -> tuple[int, int, int]:
+    values = tuple(rgb) if isinstance(rgb, (tuple, list)) else ()
+    if len(values) != 3 or not all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in values):
+        raise ValueError(f"color {name!r} needs three integers in 0..255 as its RGB, got {rgb!r}")
+    return tuple(int(v) for v in values)
+
+
+def extend_vocabulary(
+    colors: Mapping[str, Sequence[int]] | None = None,
+    shapes: Sequence[str] = (),
+    base: Vocabulary = SPEC_VOCABULARY,
+) -> Vocabulary:
+    """``base`` (the spec's vocabulary) with extra colours (name -> RGB) and shapes of ``EXTRA_SHAPES``.
+
+    A colour name is one lower-case word that is not otherwise taken; its RGB must lie far enough
+    from the background for the checker to see it (over ``FOREGROUND_DISTANCE``) and from every
+    other colour for the checker to tell them apart (``MIN_COLOR_DISTANCE``).
+    """
+    palette = {name: _check_rgb(rgb, name) for name, rgb in base.palette.items()}
+    taken = {*SHAPES, *EXTRA_SHAPES, *_NUMBER_WORDS, "yes", "no"}
+    for name, rgb in (colors or {}).items():
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z]+", name):
+            raise ValueError(f"a color name must be one lower-case word, got {name!r}")
+        if name in palette or name in taken:
+            raise ValueError(f"color name {name!r} is already taken")
+        rgb = _check_rgb(rgb, name)
+        if math.dist(rgb, BACKGROUND) <= FOREGROUND_DISTANCE:
+            raise ValueError(f"color {name!r} {rgb} is too close to the background {BACKGROUND}: "
+                             f"the checker needs an RGB distance over {FOREGROUND_DISTANCE:g}")
+        for other, other_rgb in palette.items():
+            if math.dist(rgb, other_rgb) < MIN_COLOR_DISTANCE:
+                raise ValueError(f"color {name!r} {rgb} is too close to {other!r} {other_rgb}: "
+                                 f"keep an RGB distance of at least {MIN_COLOR_DISTANCE:g}")
+        palette[name] = rgb
+    names = list(base.shapes)
+    for shape in shapes:
+        if shape not in EXTRA_SHAPES:
+            raise ValueError(f"cannot add shape {shape!r}: the shapes beyond the spec are {EXTRA_SHAPES}")
+        if shape in names:
+            raise ValueError(f"shape {shape!r} is already in the vocabulary")
+        names.append(shape)
+    return Vocabulary(MappingProxyType(palette), tuple(names))
+
+
+# ---------------------------------------------------------------------------
 # Words
 
 
@@ -156,6 +254,8 @@ def bbox(obj: ShapeObject) -> Box:
         hx, top, bottom = obj.r, obj.r, obj.r
     elif obj.shape == "square":
         hx = top = bottom = obj.r / math.sqrt(2.0)
+    elif obj.shape == "rectangle":
+        hx, top, bottom = 3 * obj.r / _SQRT10, obj.r / _SQRT10, obj.r / _SQRT10
     else:  # apex at -90 degrees, base corners at 30 and 150 degrees
         hx, top, bottom = obj.r * _SQRT3 / 2, obj.r, obj.r / 2
     return (obj.cx - hx, obj.cy - top, obj.cx + hx, obj.cy + bottom)
@@ -164,7 +264,7 @@ def bbox(obj: ShapeObject) -> Box:
 def _scaled(obj: ShapeObject, factor: float) -> ShapeObject:
     if factor == 1.0:
         return obj
-    return ShapeObject(obj.shape, obj.color, obj.cx * factor, obj.cy * factor, obj.r * factor)
+    return ShapeObject(obj.shape, obj.color, obj.cx * factor, obj.cy * factor, obj.r * factor, obj.rgb)
 
 
 def _inside(obj: ShapeObject, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -175,6 +275,8 @@ def _inside(obj: ShapeObject, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if obj.shape == "square":
         half = obj.r / math.sqrt(2.0)
         return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if obj.shape == "rectangle":
+        return (np.abs(dx) <= 3 * obj.r / _SQRT10) & (np.abs(dy) <= obj.r / _SQRT10)
     # Equilateral triangle, apex up: half-width grows by 1/sqrt(3) per pixel below the apex.
     return (dy <= obj.r / 2) & (np.abs(dx) * _SQRT3 <= dy + obj.r)
 
@@ -195,7 +297,7 @@ def render(scene: Scene, size: int | None = None) -> Image.Image:
             continue
         xs = np.arange(i0, i1, dtype=np.float64)[None, :] + 0.5
         ys = np.arange(j0, j1, dtype=np.float64)[:, None] + 0.5
-        canvas[j0:j1, i0:i1][_inside(obj, xs, ys)] = PALETTE[obj.color]
+        canvas[j0:j1, i0:i1][_inside(obj, xs, ys)] = obj.fill
     return Image.fromarray(canvas, "RGB")
 
 
@@ -272,9 +374,11 @@ def _place(
     items: Sequence[tuple[str, str]],
     accept: Callable[[list[ShapeObject]], bool] | None = None,
     tries: int = 2000,
+    vocab: Vocabulary | None = None,
 ) -> Scene:
     """Place (shape, colour) items by rejection sampling; objects come back in random order."""
     check_size(size)
+    vocab = vocab or SPEC_VOCABULARY
     for _ in range(tries):
         placed: list[ShapeObject] = []
         for shape, color in items:
@@ -282,7 +386,7 @@ def _place(
                 r = rng.uniform(RADIUS_RANGE[0] * size, RADIUS_RANGE[1] * size)
                 lo, hi = r + BORDER * size, size - r - BORDER * size
                 cx, cy = rng.uniform(lo, hi, size=2)
-                candidate = ShapeObject(shape, color, float(cx), float(cy), float(r))
+                candidate = ShapeObject(shape, color, float(cx), float(cy), float(r), vocab.rgb(color))
                 if _fits(candidate, placed, size):
                     placed.append(candidate)
                     break
@@ -294,14 +398,17 @@ def _place(
     raise RuntimeError(f"could not place {len(items)} objects on a {size}px canvas")
 
 
-def sample_scene(rng: np.random.Generator, size: int = 128, n_objects: int | None = None) -> Scene:
-    """Random scene of 1-4 objects with random shapes and colours."""
+def sample_scene(
+    rng: np.random.Generator, size: int = 128, n_objects: int | None = None, vocab: Vocabulary | None = None
+) -> Scene:
+    """Random scene of 1-4 objects with random shapes and colours (of ``vocab``, default the spec's)."""
+    vocab = vocab or SPEC_VOCABULARY
     if n_objects is None:
         n_objects = int(rng.integers(1, MAX_OBJECTS + 1))
     if not 1 <= n_objects <= MAX_OBJECTS:
         raise ValueError(f"n_objects must be in 1..{MAX_OBJECTS}, got {n_objects}")
-    items = [(_pick(rng, SHAPES), _pick(rng, COLORS)) for _ in range(n_objects)]
-    return _place(rng, size, items)
+    items = [(_pick(rng, vocab.shapes), _pick(rng, vocab.colors)) for _ in range(n_objects)]
+    return _place(rng, size, items, vocab=vocab)
 
 
 # ---------------------------------------------------------------------------
@@ -313,49 +420,57 @@ def _two_distinct(rng: np.random.Generator, options: Sequence[str]) -> tuple[str
     return options[int(first)], options[int(second)]
 
 
-def sample_prompt(rng: np.random.Generator, task: str) -> GenPrompt:
-    """Random prompt of one GenEval task, with the exact spec template."""
+def sample_prompt(rng: np.random.Generator, task: str, vocab: Vocabulary | None = None) -> GenPrompt:
+    """Random prompt of one GenEval task, with the exact spec template (words of ``vocab``)."""
+    vocab = vocab or SPEC_VOCABULARY
+    shapes, colors = vocab.shapes, vocab.colors
     if task == "single_object":
-        shape = _pick(rng, SHAPES)
+        shape = _pick(rng, shapes)
         return GenPrompt(task, f"a photo of {with_article(shape)}", {"shapes": (shape,)})
     if task == "two_object":
-        a, b = _two_distinct(rng, SHAPES)
+        a, b = _two_distinct(rng, shapes)
         text = f"a photo of {with_article(a)} and {with_article(b)}"
         return GenPrompt(task, text, {"shapes": (a, b)})
     if task == "counting":
-        shape, n = _pick(rng, SHAPES), int(rng.integers(2, MAX_OBJECTS + 1))
+        shape, n = _pick(rng, shapes), int(rng.integers(2, MAX_OBJECTS + 1))
         text = f"a photo of {COUNT_WORDS[n]} {plural(shape)}"
         return GenPrompt(task, text, {"shapes": (shape,), "count": n})
     if task == "colors":
-        shape, color = _pick(rng, SHAPES), _pick(rng, COLORS)
+        shape, color = _pick(rng, shapes), _pick(rng, colors)
         text = f"a photo of {with_article(f'{color} {shape}')}"
         return GenPrompt(task, text, {"shapes": (shape,), "colors": (color,)})
     if task == "position":
-        (a, b), rel = _two_distinct(rng, SHAPES), _pick(rng, RELATIONS)
+        (a, b), rel = _two_distinct(rng, shapes), _pick(rng, RELATIONS)
         text = f"a photo of {with_article(a)} {rel} {with_article(b)}"
         return GenPrompt(task, text, {"shapes": (a, b), "relation": rel})
     if task == "color_attr":
-        (a, b), (ca, cb) = _two_distinct(rng, SHAPES), _two_distinct(rng, COLORS)
+        (a, b), (ca, cb) = _two_distinct(rng, shapes), _two_distinct(rng, colors)
         text = f"a photo of {with_article(f'{ca} {a}')} and {with_article(f'{cb} {b}')}"
         return GenPrompt(task, text, {"shapes": (a, b), "colors": (ca, cb)})
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
-def scene_for_prompt(rng: np.random.Generator, prompt: GenPrompt, size: int = 128) -> Scene:
-    """Random scene that satisfies a prompt; distractors only use shapes the prompt never names."""
+def scene_for_prompt(
+    rng: np.random.Generator, prompt: GenPrompt, size: int = 128, vocab: Vocabulary | None = None
+) -> Scene:
+    """Random scene that satisfies a prompt; distractors only use shapes the prompt never names.
+
+    Free colours and distractor shapes come from ``vocab`` (default the spec's).
+    """
+    vocab = vocab or SPEC_VOCABULARY
     spec = prompt.spec
     shapes = list(spec["shapes"])
     if prompt.task == "counting":
         shapes = shapes * spec["count"]
     colors = list(spec.get("colors", ()))
     items = [
-        (s, colors[k] if k < len(colors) else _pick(rng, COLORS)) for k, s in enumerate(shapes)
+        (s, colors[k] if k < len(colors) else _pick(rng, vocab.colors)) for k, s in enumerate(shapes)
     ]
     # Distractors of unnamed shapes cannot change counts, colours or relations the prompt states.
-    others = [s for s in SHAPES if s not in spec["shapes"]]
+    others = [s for s in vocab.shapes if s not in spec["shapes"]]
     if prompt.task != "single_object" and others:  # single_object scenes hold one object (spec)
         for _ in range(int(rng.integers(0, MAX_OBJECTS - len(items) + 1))):
-            items.append((_pick(rng, others), _pick(rng, COLORS)))
+            items.append((_pick(rng, others), _pick(rng, vocab.colors)))
 
     accept = None
     if prompt.task == "position":
@@ -363,7 +478,7 @@ def scene_for_prompt(rng: np.random.Generator, prompt: GenPrompt, size: int = 12
         def accept(placed: list[ShapeObject]) -> bool:
             return spec["relation"] in relation(placed[0], placed[1])
 
-    return _place(rng, size, items, accept)
+    return _place(rng, size, items, accept, vocab=vocab)
 
 
 # ---------------------------------------------------------------------------
@@ -377,12 +492,16 @@ def _unique(values: Iterable[str]) -> list[str]:
 
 
 def sample_question(
-    rng: np.random.Generator, scene: Scene, family: str | None = None
+    rng: np.random.Generator, scene: Scene, family: str | None = None, vocab: Vocabulary | None = None
 ) -> Question | None:
-    """Random question about a scene (one family or any askable one); None if not askable."""
+    """Random question about a scene (one family or any askable one); None if not askable.
+
+    ``vocab`` (default the spec's) gives the shapes and colours a question may name that the scene lacks.
+    """
+    vocab = vocab or SPEC_VOCABULARY
     if family is None:
         for candidate in rng.permutation(len(QUESTION_FAMILIES)):
-            question = sample_question(rng, scene, QUESTION_FAMILIES[int(candidate)])
+            question = sample_question(rng, scene, QUESTION_FAMILIES[int(candidate)], vocab)
             if question is not None:
                 return question
         return None
@@ -391,7 +510,7 @@ def sample_question(
     if family == "count_all":
         return Question(family, "How many objects are there?", str(len(objects)))
     if family == "count_shape":
-        shape = _pick(rng, SHAPES)
+        shape = _pick(rng, vocab.shapes)
         count = sum(o.shape == shape for o in objects)
         return Question(family, f"How many {plural(shape)} are there?", str(count))
     if family == "color_of":
@@ -410,7 +529,7 @@ def sample_question(
         return Question(family, f"What shape is the {color} object?", shape)
     if family == "exists":
         present = sorted({(o.color, o.shape) for o in objects})
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        absent = [(c, s) for c in vocab.colors for s in vocab.shapes if (c, s) not in present]
         # A fair coin picks the answer so that yes and no are balanced.
         answer = "yes" if rng.random() < 0.5 else "no"
         pool = present if answer == "yes" else absent
@@ -438,9 +557,9 @@ def sample_question(
     raise ValueError(f"unknown question family {family!r}; expected one of {QUESTION_FAMILIES}")
 
 
-def questions_for_scene(rng: np.random.Generator, scene: Scene) -> list[Question]:
+def questions_for_scene(rng: np.random.Generator, scene: Scene, vocab: Vocabulary | None = None) -> list[Question]:
     """One question of every family that is askable for the scene, in family order."""
-    questions = (sample_question(rng, scene, family) for family in QUESTION_FAMILIES)
+    questions = (sample_question(rng, scene, family, vocab) for family in QUESTION_FAMILIES)
     return [q for q in questions if q is not None]
 
 
@@ -576,18 +695,22 @@ def _label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, len(unique_roots)
 
 
-def _classify_shape(area: int, rmax: float, box_area: int) -> str:
+def _classify_shape(area: int, rmax: float, box_area: int, shapes: Sequence[str] = SHAPES) -> str:
     u = area / (math.pi * rmax * rmax) if rmax > 0 else 1.0
     v = area / box_area
-    return min(SHAPES, key=lambda s: math.dist((u, v), SHAPE_SIGNATURES[s]))
+    return min(shapes, key=lambda s: math.dist((u, v), _SIGNATURES[s]))
 
 
-def _nearest_color(rgb: np.ndarray) -> str:
-    return min(COLORS, key=lambda c: float(np.sum((rgb - np.array(PALETTE[c])) ** 2)))
+def _nearest_color(rgb: np.ndarray, palette: Mapping[str, tuple[int, int, int]] = PALETTE) -> str:
+    return min(palette, key=lambda c: float(np.sum((rgb - np.array(palette[c])) ** 2)))
 
 
-def detect_objects(image: Image.Image | np.ndarray) -> list[DetectedObject]:
-    """Find objects in an image with the spec's reference checker, in label order."""
+def detect_objects(image: Image.Image | np.ndarray, vocab: Vocabulary | None = None) -> list[DetectedObject]:
+    """Find objects in an image with the spec's reference checker, in label order.
+
+    Shapes and colours are the nearest of ``vocab`` (default the spec's).
+    """
+    vocab = vocab or SPEC_VOCABULARY
     if isinstance(image, Image.Image):
         pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     else:
@@ -613,8 +736,8 @@ def detect_objects(image: Image.Image | np.ndarray) -> list[DetectedObject]:
         box_area = (box[2] - box[0]) * (box[3] - box[1])
         found.append(
             DetectedObject(
-                shape=_classify_shape(area, rmax, box_area),
-                color=_nearest_color(np.median(pixels[rows, cols], axis=0)),
+                shape=_classify_shape(area, rmax, box_area, vocab.shapes),
+                color=_nearest_color(np.median(pixels[rows, cols], axis=0), vocab.palette),
                 bbox=box,
                 centroid=(cx, cy),
                 area=area,
@@ -647,16 +770,18 @@ def score_detections(objects: Sequence[DetectedObject], prompt: GenPrompt) -> bo
     raise ValueError(f"unknown task {prompt.task!r}; expected one of {TASKS}")
 
 
-def score_image(image: Image.Image | np.ndarray, prompt: GenPrompt) -> bool:
-    """True when the image satisfies the prompt under GenEval semantics."""
-    return score_detections(detect_objects(image), prompt)
+def score_image(image: Image.Image | np.ndarray, prompt: GenPrompt, vocab: Vocabulary | None = None) -> bool:
+    """True when the image satisfies the prompt under GenEval semantics (checked with ``vocab``)."""
+    return score_detections(detect_objects(image, vocab), prompt)
 
 
-def score_images(pairs: Iterable[tuple[Image.Image | np.ndarray, GenPrompt]]) -> dict[str, float]:
+def score_images(
+    pairs: Iterable[tuple[Image.Image | np.ndarray, GenPrompt]], vocab: Vocabulary | None = None
+) -> dict[str, float]:
     """Per-task accuracy of (image, prompt) pairs plus ``overall``, the mean of task scores."""
     results: dict[str, list[bool]] = {}
     for image, prompt in pairs:
-        results.setdefault(prompt.task, []).append(score_image(image, prompt))
+        results.setdefault(prompt.task, []).append(score_image(image, prompt, vocab))
     scores = {task: float(np.mean(results[task])) for task in TASKS if task in results}
     scores["overall"] = float(np.mean(list(scores.values()))) if scores else 0.0
     return scores
