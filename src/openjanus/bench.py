@@ -12,6 +12,8 @@ import gc
 import json
 import platform
 import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from itertools import chain
@@ -22,6 +24,7 @@ import torch
 from .config import JanusConfig, get_preset
 from .generation import generate_image_tokens, stream_text
 from .model import JanusModel
+from .model.kernels import pack_linears
 from .model.quant import check_quantization, quantize
 from .weights import load_checkpoint, save_checkpoint
 
@@ -76,9 +79,14 @@ def _checkpoint(name: str, config: JanusConfig, dtype: torch.dtype) -> Path:
     return path
 
 
-def _step_bytes(model: JanusModel, rows: int, context: int) -> int:
-    """Bytes one guided image step must read: LLM layers, heads, adaptor, KV cache."""
-    parts = [model.backbone.layers, model.backbone.norm, model.gen_head, model.gen_aligner]
+def _step_bytes(model: JanusModel, rows: int, context: int, text: bool = False) -> int:
+    """Bytes one decode step must read: LLM layers, the head (and adaptor), KV cache.
+
+    An image step (guided: 2 rows per image) reads the image head and the image-token adaptor,
+    a text step (`text`) the text head.
+    """
+    heads = [model.language_model.lm_head] if text else [model.gen_head, model.gen_aligner]
+    parts = [model.backbone.layers, model.backbone.norm, *heads]
     weights = sum(t.numel() * t.element_size() for part in parts for t in chain(part.parameters(), part.buffers()))
     llm = model.config.llm
     element = model.backbone.embed_tokens.weight.element_size()
@@ -87,7 +95,27 @@ def _step_bytes(model: JanusModel, rows: int, context: int) -> int:
 
 
 def _weights_gb(model: JanusModel) -> float:
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e9
+    # parameters() and buffers() skip repeats (tied weights) and include packed layers' buffers.
+    return sum(t.numel() * t.element_size() for t in chain(model.parameters(), model.buffers())) / 1e9
+
+
+_LOAD_PEAK_SCRIPT = """
+import json, resource, sys, torch
+from openjanus.bench import load_for_inference
+model = load_for_inference(sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9))
+"""
+
+
+def load_for_inference(path: str | Path, dtype: torch.dtype, quantization: str | None = None) -> JanusModel:
+    """A checkpoint's model prepared as JanusPipeline.from_pretrained prepares it: quantized, then packed."""
+    return pack_linears(quantize(load_checkpoint(path, dtype=dtype).model, quantization))
+
+
+def load_peak_rss_gb(path: Path, dtype: str, quantization: str | None = None) -> float:
+    """Peak resident memory of a fresh process that loads and prepares the checkpoint for inference."""
+    command = [sys.executable, "-c", _LOAD_PEAK_SCRIPT, str(path), dtype, *([quantization] if quantization else [])]
+    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
 def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = (1, 4),
@@ -111,8 +139,10 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
     results: dict = {"size": size, "dtype": dtype, "machine": platform.processor() or platform.machine(),
                      "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "read_bandwidth_gb_s": read_bandwidth()}
-    ours = load_checkpoint(path, dtype=torch_dtype).model
-    quantized = {name: quantize(load_checkpoint(path, dtype=torch_dtype).model, name) for name in quantizations}
+    results["load_peak_rss_gb"] = {name or "none": load_peak_rss_gb(path, dtype, name)
+                                   for name in (None, *quantizations)}
+    ours = load_for_inference(path, torch_dtype)
+    quantized = {name: load_for_inference(path, torch_dtype, name) for name in quantizations}
     port = transformers.JanusForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
     vocab = config.llm.vocab_size
     bos, boi, pad = 1, 2, 3
@@ -172,11 +202,16 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
         quantized_toks = {name: _per_step(lambda k, m=model: ours_decode(k, model=m), *steps, repeats)
                           for name, model in quantized.items()}
         port_tok = _per_step(port_decode, *steps, repeats)
+    text_context = text_ids.shape[1] + sum(steps) // 2
+    text_gb_s = _step_bytes(ours, 1, text_context, text=True) / ours_tok / 1e9
     text = results["text_decode"] = {"openjanus_tokens_per_s": 1 / ours_tok, "port_tokens_per_s": 1 / port_tok,
-                                     "speedup": port_tok / ours_tok}
+                                     "speedup": port_tok / ours_tok, "openjanus_bandwidth_gb_s": text_gb_s,
+                                     "bandwidth_fraction": text_gb_s / results["read_bandwidth_gb_s"]}
     for name, tok in quantized_toks.items():
+        gb_s = _step_bytes(quantized[name], 1, text_context, text=True) / tok / 1e9
         text.update({f"openjanus_{name}_tokens_per_s": 1 / tok, f"{name}_speedup": port_tok / tok,
-                     f"{name}_vs_openjanus": ours_tok / tok})
+                     f"{name}_vs_openjanus": ours_tok / tok, f"openjanus_{name}_bandwidth_gb_s": gb_s,
+                     f"{name}_bandwidth_fraction": gb_s / results["read_bandwidth_gb_s"]})
     results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     results["weights_gb"] = _weights_gb(ours)
     results["quantizations"] = list(quantized)
@@ -209,11 +244,17 @@ def format_table(results: dict) -> str:
     text = results["text_decode"]
     lines.append(f"{'text decode tokens/s':34s} {text['openjanus_tokens_per_s']:12.1f} "
                  f"{text['port_tokens_per_s']:12.1f} {text['speedup']:7.2f}x")
+    lines.append(f"{'text decode GB/s (fraction)':34s} {text['openjanus_bandwidth_gb_s']:12.1f} {'':>12s} "
+                 f"{text['bandwidth_fraction']:7.0%}")
     for name in quantizations:
         lines.append(f"{f'text decode tokens/s {name}':34s} {text[f'openjanus_{name}_tokens_per_s']:12.1f} "
                      f"{text['port_tokens_per_s']:12.1f} {text[f'{name}_speedup']:7.2f}x")
+        lines.append(f"{f'text decode {name} GB/s (fraction)':34s} {text[f'openjanus_{name}_bandwidth_gb_s']:12.1f} "
+                     f"{'':>12s} {text[f'{name}_bandwidth_fraction']:7.0%}")
     lines.append(f"peak RSS {results['peak_rss_gb']:.2f} GB "
                  f"(all loaded at once; weights {results['weights_gb']:.2f} GB for openjanus and the port"
                  + "".join(f", openjanus {name} {results[f'{name}_weights_gb']:.2f} GB" for name in quantizations)
                  + ")")
+    lines.append("openjanus alone, peak RSS of a fresh process loading for inference: "
+                 + ", ".join(f"{name} {gb:.2f} GB" for name, gb in results["load_peak_rss_gb"].items()))
     return "\n".join(lines)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import replace_linears
+
 QUANTIZATIONS = ("int8",)
 
 # torch's CPU int8 kernel (what gpt-fast uses) segfaults in bf16 unless the input width is a
@@ -90,20 +92,13 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace nn.Linear modules by Int8Linear in place, one layer at a time; returns `model`.
 
     For a JanusModel only the LLM (decoder layers and text head) and the image head are
-    quantized; for any other module every nn.Linear is. A linear whose weight is shared with
-    another module (a text head tied to the embeddings) is left as it is, so that the shared
-    tensor is not held twice.
+    quantized; for any other module every nn.Linear is. A text head tied to the embeddings is
+    left as it is (see `replace_linears`).
     """
     from .janus import JanusModel
 
-    shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
-    roots = [model.language_model, model.gen_head] if isinstance(model, JanusModel) else [model]
-    # Only (parent, name) pairs are kept, so each replaced layer's weight is freed before the next is quantized.
-    targets = [(parent, name) for root in roots for parent in root.modules() for name, child in parent.named_children()
-               if isinstance(child, nn.Linear) and id(child.weight) not in shared]
-    for parent, name in targets:
-        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
-    return model
+    roots = [model.language_model, model.gen_head] if isinstance(model, JanusModel) else None
+    return replace_linears(model, Int8Linear.from_linear, roots)
 
 
 def quantize(model: nn.Module, method: str | None) -> nn.Module:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from ..config import ConfigError, JanusConfig
 from ..model import JanusModel
+from ..model.kernels import inference_only_layers
 from . import layouts
 
 
@@ -177,6 +178,9 @@ def save_checkpoint(model: JanusModel, dst: str | Path, layout: str = layouts.OP
     """Write `model` to `dst` as safetensors in the given layout, with its tokenizer."""
     if layout not in layouts.LAYOUTS:
         raise ValueError(f"unknown layout '{layout}'; use one of {', '.join(layouts.LAYOUTS)}")
+    if inference_only := inference_only_layers(model):
+        raise ValueError(f"this model holds layers prepared for inference only (packed or quantized, e.g. "
+                         f"{inference_only[0]}); save a model loaded with openjanus.weights.load_checkpoint instead")
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     config = model.config
