@@ -97,3 +97,29 @@ def hf_model(hf_model_dir):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def interrupted_after(step: int):
+    """A StageTrainer.train_step that raises KeyboardInterrupt (Ctrl-C) once `step` is done."""
+    from openjanus.train.loop import StageTrainer
+
+    original = StageTrainer.train_step
+
+    def train_step(self):
+        result = original(self)
+        if self.step == step:
+            raise KeyboardInterrupt
+        return result
+
+    return train_step
+
+
+def run_until_interrupted(config: Path, run_dir: Path, step: int, monkeypatch) -> None:
+    """Run a recipe that Ctrl-C stops after `step` (its last checkpoint is then at `step` - 1)."""
+    from openjanus.train import run
+    from openjanus.train.loop import StageTrainer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StageTrainer, "train_step", interrupted_after(step))
+        with pytest.raises(KeyboardInterrupt):
+            run(config, run_dir=run_dir, echo=lambda _: None)

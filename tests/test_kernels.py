@@ -33,6 +33,7 @@ def test_pack_linears_leaves_float32_and_tied_heads_alone(tiny_model_dir):
     fp32 = load_checkpoint(tiny_model_dir, dtype=torch.float32).model
     assert not any(isinstance(m, PackedLinear) for m in pack_linears(fp32).modules())
     from conftest import tiny_config
+
     from openjanus.model import JanusModel
 
     config = tiny_config()

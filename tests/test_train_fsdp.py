@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from conftest import interrupted_after
 from safetensors.torch import load_file
 
 from openjanus import JanusPipeline
@@ -63,18 +64,6 @@ def free_port() -> int:
 
 def quiet(_message: str) -> None:
     pass
-
-
-def interrupted_after(step: int):
-    original = StageTrainer.train_step
-
-    def train_step(self):
-        result = original(self)
-        if self.step == step:
-            raise KeyboardInterrupt
-        return result
-
-    return train_step
 
 
 def worker(rank: int, world_size: int, port: int, root: str, jobs: list[tuple[str, int]]) -> None:

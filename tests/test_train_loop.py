@@ -10,6 +10,7 @@ import pytest
 import torch
 import typer
 import yaml
+from conftest import run_until_interrupted
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -144,19 +145,8 @@ def test_an_interrupted_run_resumes_exactly(recipe_run, tmp_path, monkeypatch, s
     config = write_recipe(tmp_path / "resume.yaml", resume_recipe(recipe_run, stage_name))
     run(config, run_dir=tmp_path / "straight", echo=lambda _: None)
 
-    original = StageTrainer.train_step
-
-    def interrupted_after_step_5(self):
-        result = original(self)
-        if self.step == 5:
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(StageTrainer, "train_step", interrupted_after_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        run(config, run_dir=tmp_path / "resumed", echo=lambda _: None)
+    run_until_interrupted(config, tmp_path / "resumed", 5, monkeypatch)
     assert load_state(tmp_path / "resumed" / stage_name / "checkpoint.pt")["step"] == 4
-    monkeypatch.setattr(StageTrainer, "train_step", original)
     run(config, run_dir=tmp_path / "resumed", echo=lambda _: None)
 
     straight, resumed = losses(tmp_path / "straight", stage_name), losses(tmp_path / "resumed", stage_name)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import typer
 import yaml
+from conftest import run_until_interrupted
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -23,7 +24,6 @@ from openjanus.train.cli import register
 from openjanus.train.config import LoraSection, training_fields
 from openjanus.train.distributed import DistributedContext
 from openjanus.train.janus import JanusTask
-from openjanus.train.loop import StageTrainer
 from openjanus.train.lora import add_lora
 from openjanus.train.runner import component_rows
 
@@ -100,20 +100,9 @@ def test_an_interrupted_lora_run_resumes_exactly(tmp_path, monkeypatch, tiny_mod
     # Dropout on the adapters makes the run depend on the restored random state too.
     config = write_recipe(tmp_path / "resume.yaml", lora_recipe(tiny_model_dir, tokenizer_file, steps=6, dropout=0.1))
     run(config, run_dir=tmp_path / "straight", echo=lambda _: None)
-    original = StageTrainer.train_step
-
-    def interrupted_after_step_5(self):
-        result = original(self)
-        if self.step == 5:
-            raise KeyboardInterrupt
-        return result
-
-    monkeypatch.setattr(StageTrainer, "train_step", interrupted_after_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        run(config, run_dir=tmp_path / "resumed", echo=lambda _: None)
+    run_until_interrupted(config, tmp_path / "resumed", 5, monkeypatch)
     state = load_state(tmp_path / "resumed" / "lora" / "checkpoint.pt")
     assert state["step"] == 4 and any(".lora_A." in key for key in state["model"])
-    monkeypatch.setattr(StageTrainer, "train_step", original)
     run(config, run_dir=tmp_path / "resumed", echo=lambda _: None)
 
     def curve(run_dir: Path) -> list[dict]:
