@@ -46,7 +46,7 @@ def _drop_mapped_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) ->
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
     if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = ctypes.CDLL(None)
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
@@ -57,7 +57,8 @@ def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module],
     A linear whose weight is shared with a module that is not a linear (a text head tied to the
     embeddings) is left as it is, so that the shared tensor is not held twice. Layers are replaced
     one at a time, and each old weight is freed (or its file pages dropped, when it is memory-mapped)
-    before the next is converted, so that peak memory stays near the size of the result.
+    before the next is converted, so that peak memory stays near the size of the result: the
+    replaced layers' weights belong to this function and must not be used afterwards.
     """
     shared = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
     targets = [(parent, name) for root in (roots or [model]) for parent in root.modules()
@@ -87,7 +88,7 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
+        weight = linear.weight.detach().contiguous()
         # The batch-size hint only tunes the layout; any number of rows runs on the packed weight.
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, 2), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone(), persistent=False)
