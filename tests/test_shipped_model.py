@@ -32,8 +32,8 @@ def test_the_shipped_model_is_small_bf16_safetensors_with_a_model_card():
     files = {p.name: p for p in DEFAULT_MODEL_DIR.iterdir()}
     assert {"config.json", "tokenizer.json", "model.safetensors", "README.md"} <= set(files)
     assert sum(p.stat().st_size for p in files.values()) <= MAX_BYTES
-    header_size = int.from_bytes(files["model.safetensors"].read_bytes()[:8], "little")
-    header = json.loads(files["model.safetensors"].read_bytes()[8:8 + header_size])
+    with files["model.safetensors"].open("rb") as weights:
+        header = json.loads(weights.read(int.from_bytes(weights.read(8), "little")))
     dtypes = {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
     assert dtypes <= {"BF16", "I64", "I32"}, dtypes
 
