@@ -25,6 +25,13 @@ def test_generate_writes_native_size_pngs(tmp_path, tiny_model_dir):
     files = sorted(tmp_path.glob("*.png"))
     assert [f.name for f in files] == ["000.png", "001.png", "002.png", "003.png"]
     assert Image.open(files[0]).size == (32, 32)
+    jacobi = _run("generate", "a photo of a red circle", "--temperature", "0", "--jacobi-window", "4",
+                  "--model", tiny_model_dir, "-o", tmp_path / "jacobi")
+    plain = _run("generate", "a photo of a red circle", "--temperature", "0", "--model", tiny_model_dir,
+                 "-o", tmp_path / "plain")
+    assert jacobi.exit_code == plain.exit_code == 0, jacobi.output + plain.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "jacobi" / "000.png")),
+                          np.asarray(Image.open(tmp_path / "plain" / "000.png")))
 
 
 def test_ask_and_chat(tmp_path, tiny_model_dir):
@@ -56,6 +63,7 @@ def test_convert_and_info(tmp_path, tiny_model_dir):
     (["generate", "", "--model", "{model}"], "prompt is empty"),
     (["generate", "a circle", "-n", "0", "--model", "{model}"], "num_images_per_prompt"),
     (["generate", "a circle", "--temperature", "-1", "--model", "{model}"], "temperature"),
+    (["generate", "a circle", "--jacobi-window", "-2", "--model", "{model}"], "jacobi_window"),
     (["ask", "{notimage}", "What?", "--model", "{model}"], "not a recognised image"),
     (["ask", "/no/such.png", "What?", "--model", "{model}"], "not found"),
     (["convert", "{model}", "{out}", "--to", "onnx"], "--to must be one of"),

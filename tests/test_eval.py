@@ -245,6 +245,7 @@ def test_real_pipeline_geneval_report_files_and_determinism(pipe, tmp_path):
     assert 0.0 <= first["tokenizer_ceiling"]["overall"] <= 1.0
     assert first["settings"]["image_size"] == SIZE and first["settings"]["image_tokens"] == 64
     assert first["settings"]["images"] == 12 and first["timing"]["total_s"] > 0
+    assert first["timing"]["forward_passes_per_batch"] == 64  # plain decoding: one pass per image token
     saved = json.loads((tmp_path / "a" / "shapes_geneval.json").read_text())
     assert saved["scores"] == first["scores"] and saved["per_prompt"] == first["per_prompt"]
     grid = _pixels(tmp_path / "a" / "shapes_geneval_samples.png")
@@ -275,9 +276,10 @@ def test_cli_runs_the_evaluations_and_reports_errors_in_one_line(shapes_model_di
     runner = CliRunner()
 
     result = runner.invoke(app, ["eval", "shapes-geneval", "--model", str(shapes_model_dir), "--n-per-task", "1",
-                                 "--images-per-prompt", "1", "--out", str(tmp_path / "gen")])
+                                 "--images-per-prompt", "1", "--out", str(tmp_path / "gen"), "--jacobi-window", "8"])
     assert result.exit_code == 0, result.output
     assert "overall" in result.output and "tokenizer" in result.output
+    assert "forward passes per batch" in result.output
     assert (tmp_path / "gen" / "shapes_geneval.json").is_file()
 
     result = runner.invoke(app, ["eval", "shapes-vqa", "--model", str(shapes_model_dir), "--n-per-family", "1",

@@ -45,11 +45,14 @@ def generate(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     quantization: QuantizationOption = None,
+    jacobi_window: Annotated[int, typer.Option("--jacobi-window", help="Speculative Jacobi decoding: up to this "
+                                               "many image tokens per forward pass, same distribution; 0 = off.")] = 0,
 ) -> None:
     """Generate images from text prompts; writes PNGs named 000.png, 001.png, ... (prompt-major)."""
     pipe = _pipeline(model, device, dtype, quantization)
     images = pipe.generate_images(prompt, num_images_per_prompt=num_images, guidance_scale=guidance_scale,
-                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                  jacobi_window=jacobi_window)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         path = out / f"{i:03d}.png"

@@ -11,7 +11,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import JanusConfig
-from .generation import check_sampling, generate_image_tokens, make_generator, stream_text
+from .generation import MAX_JACOBI_WINDOW, check_sampling, generate_image_tokens, make_generator, stream_text
 from .model import JanusModel
 from .model.kernels import pack_linears
 from .model.quant import check_quantization, quantize
@@ -142,11 +142,14 @@ class JanusPipeline:
                               guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int | None = None,
                               top_p: float | None = None, seed: int | None = None,
                               progress: bool = True, cfg_weight: float | None = None,
-                              on_step: Callable[[], None] | None = None) -> torch.Tensor:
+                              on_step: Callable[[], None] | None = None, jacobi_window: int = 0,
+                              stats: dict | None = None) -> torch.Tensor:
         """Image-token grids (len(prompts) * num_images_per_prompt, tokens), prompt-major.
 
         `on_step` is called after every image token (for progress or cancellation: an exception it
-        raises stops the generation).
+        raises stops the generation). `jacobi_window` > 1 turns on speculative Jacobi decoding: up to
+        that many tokens per forward pass, the same output distribution (off by default). `stats`, when
+        given, receives "forward_passes".
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -158,6 +161,9 @@ class JanusPipeline:
         if cfg_weight is not None:
             guidance_scale = cfg_weight
         check_sampling(temperature, top_k, top_p)
+        if not isinstance(jacobi_window, int) or not 0 <= jacobi_window <= MAX_JACOBI_WINDOW:
+            raise ValueError(f"jacobi_window must be an integer from 0 (off) to {MAX_JACOBI_WINDOW}, "
+                             f"got {jacobi_window}")
         batch = generation_batch([p for p in prompts for _ in range(num_images_per_prompt)],
                                  self.tokenizer, self.chat_format).to(self.device)
         needed = batch.input_ids.shape[1] + self.config.num_image_tokens
@@ -175,7 +181,8 @@ class JanusPipeline:
         try:
             return generate_image_tokens(self.model, batch.input_ids, batch.padding_mask, self.tokenizer.pad_id,
                                          guidance_scale, temperature, top_k, top_p,
-                                         make_generator(seed, self.device), on_step=step)
+                                         make_generator(seed, self.device), on_step=step,
+                                         jacobi_window=jacobi_window, stats=stats)
         finally:
             bar.close()
 

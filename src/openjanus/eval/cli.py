@@ -22,6 +22,8 @@ SeedOption = Annotated[int, typer.Option(help="Sampling seed; same seed and batc
 ImagesOption = Annotated[int, typer.Option("--images-per-prompt", help="Images per prompt (GenEval: 4).")]
 GuidanceOption = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance weight.")]
 TemperatureOption = Annotated[float, typer.Option(help="Sampling temperature for image tokens; 0 = greedy.")]
+JacobiOption = Annotated[int, typer.Option("--jacobi-window", help="Speculative Jacobi decoding: up to this many "
+                                           "image tokens per forward pass, same distribution; 0 = off.")]
 BatchOption = Annotated[int, typer.Option("--batch-size", help="Prompts (or questions) per forward batch.")]
 
 
@@ -61,6 +63,7 @@ def shapes_geneval_command(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     quantization: QuantizationOption = None,
+    jacobi_window: JacobiOption = 0,
 ) -> None:
     """Text-to-image on held-out ShapesWorld prompts, scored exactly, with oracle and tokenizer ceilings."""
     from .shapes_geneval import shapes_geneval
@@ -68,12 +71,14 @@ def shapes_geneval_command(
     pipe = _pipeline(model, device, dtype, quantization)
     report = shapes_geneval(pipe, n_per_task=n_per_task, images_per_prompt=images_per_prompt,
                             guidance_scale=guidance_scale, temperature=temperature, seed=seed,
-                            batch_size=batch_size, out_dir=out)
+                            batch_size=batch_size, out_dir=out, jacobi_window=jacobi_window)
     scores, oracle, tokenizer = report["scores"], report["oracle_ceiling"], report["tokenizer_ceiling"]
     rows = [[name, _score(scores.get(name)), _score(oracle.get(name)), _score(tokenizer.get(name))]
             for name in [*scores]]
     typer.echo(_table(["task", "model", "oracle", "tokenizer"], rows))
-    _footer(report, f"{report['settings']['images']} images")
+    passes = report["timing"]["forward_passes_per_batch"]
+    _footer(report, f"{report['settings']['images']} images"
+                    + (f" ({passes} forward passes per batch of {batch_size} prompts)" if passes else ""))
 
 
 @eval_app.command("shapes-vqa")

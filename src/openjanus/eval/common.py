@@ -68,14 +68,22 @@ def chunks(count: int, size: int) -> list[range]:
 
 def generate_batches(pipe: Any, texts: Sequence[str], images_per_prompt: int, batch_size: int, seed: int,
                      guidance_scale: float, temperature: float, progress: bool = True,
-                     desc: str = "generating") -> Iterator[tuple[range, list[list[Image.Image]]]]:
-    """Yield (prompt indices, images per prompt) for batches of ``batch_size`` prompts, each batch seeded apart."""
+                     desc: str = "generating", jacobi_window: int = 0,
+                     forward_passes: list[int] | None = None) -> Iterator[tuple[range, list[list[Image.Image]]]]:
+    """Yield (prompt indices, images per prompt) for batches of ``batch_size`` prompts, each batch seeded apart.
+
+    ``forward_passes``, when given, receives each batch's number of sequential forward passes.
+    """
     bar = tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress)
     try:
         for index, chunk in enumerate(chunks(len(texts), batch_size)):
+            stats: dict = {}
             codes = pipe.generate_image_tokens([texts[i] for i in chunk], num_images_per_prompt=images_per_prompt,
                                                guidance_scale=guidance_scale, temperature=temperature,
-                                               seed=batch_seed(seed, index), progress=False)
+                                               seed=batch_seed(seed, index), progress=False,
+                                               jacobi_window=jacobi_window, stats=stats)
+            if forward_passes is not None and "forward_passes" in stats:
+                forward_passes.append(stats["forward_passes"])
             images = pipe.decode_images(codes)
             yield chunk, [images[k * images_per_prompt:(k + 1) * images_per_prompt] for k in range(len(chunk))]
             bar.update(len(chunk))

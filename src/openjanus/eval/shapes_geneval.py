@@ -45,8 +45,11 @@ def ground_truth_renders(prompts: list[shapes.GenPrompt], size: int) -> list[Ima
 
 def shapes_geneval(pipe: Any, n_per_task: int = 100, images_per_prompt: int = 4, guidance_scale: float = 5.0,
                    temperature: float = 1.0, seed: int = 0, batch_size: int = 8, out_dir: str | Path | None = None,
-                   progress: bool = True) -> dict:
-    """Generate for the held-out shapes-GenEval prompts, score them, and report per task with both ceilings."""
+                   progress: bool = True, jacobi_window: int = 0) -> dict:
+    """Generate for the held-out shapes-GenEval prompts, score them, and report per task with both ceilings.
+
+    ``jacobi_window`` > 1 generates with speculative Jacobi decoding (same distribution, fewer passes).
+    """
     size = shapes_image_size(pipe)
     check_positive(n_per_task=n_per_task, images_per_prompt=images_per_prompt, batch_size=batch_size)
     check_seed(seed)
@@ -58,8 +61,10 @@ def shapes_geneval(pipe: Any, n_per_task: int = 100, images_per_prompt: int = 4,
     verdicts: list[list[bool]] = []
     grid_rows: list[tuple[str, list[Cell]]] = []
     scoring_s = 0.0
+    forward_passes: list[int] = []
     batches = generate_batches(pipe, [p.text for p in prompts], images_per_prompt, batch_size, seed,
-                               guidance_scale, temperature, progress, desc="shapes-geneval")
+                               guidance_scale, temperature, progress, desc="shapes-geneval",
+                               jacobi_window=jacobi_window, forward_passes=forward_passes)
     for chunk, images_per in batches:
         tick = time.perf_counter()
         for index, images in zip(chunk, images_per):
@@ -92,12 +97,14 @@ def shapes_geneval(pipe: Any, n_per_task: int = 100, images_per_prompt: int = 4,
         "images": len(flat), "guidance_scale": guidance_scale, "temperature": temperature, "seed": seed,
         "batch_size": batch_size, "image_size": size, "image_tokens": pipe.config.num_image_tokens,
         "prompt_split": "test", "prompt_seed": shapes.SPLIT_SEEDS["test"], "device": str(pipe.device),
-        "weights": weight_format(pipe),
+        "weights": weight_format(pipe), "jacobi_window": jacobi_window,
     }
     report["timing"] = {
         "generation_s": round(generation_s, 3), "scoring_s": round(scoring_s, 3), "ceilings_s": round(ceilings_s, 3),
         "total_s": round(time.perf_counter() - started, 3),
         "images_per_s": round(len(flat) / generation_s, 3) if generation_s > 0 else None,
+        # Sequential forward passes per batch (all its images advance together), the prefill included.
+        "forward_passes_per_batch": round(sum(forward_passes) / len(forward_passes), 2) if forward_passes else None,
     }
     report["per_prompt"] = [{"task": p.task, "prompt": p.text, "correct": v} for p, v in zip(prompts, verdicts)]
     if out_dir is not None:

@@ -7,7 +7,10 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..model import JanusModel
-from .sampling import sample_next
+from .sampling import GREEDY_BELOW, sample_from, sample_next, sampling_probs
+
+# Speculative Jacobi decoding gains little past a few dozen drafts per pass, and each costs compute.
+MAX_JACOBI_WINDOW = 64
 
 
 def positions_from_mask(padding_mask: torch.Tensor) -> torch.Tensor:
@@ -52,15 +55,25 @@ def unconditional_ids(input_ids: torch.Tensor, padding_mask: torch.Tensor, pad_i
     return uncond
 
 
+def _guided_logits(model: JanusModel, hidden: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance over image logits; `hidden` holds the conditional rows, then the unconditional."""
+    logits = model.image_logits(hidden).float()
+    cond, uncond = logits.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
 @torch.inference_mode()
 def generate_image_tokens(model: JanusModel, input_ids: torch.Tensor, padding_mask: torch.Tensor, pad_id: int,
                           guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int | None = None,
                           top_p: float | None = None, generator: torch.Generator | None = None,
-                          on_step: Callable[[], None] | None = None, num_tokens: int | None = None) -> torch.Tensor:
+                          on_step: Callable[[], None] | None = None, num_tokens: int | None = None,
+                          jacobi_window: int = 0, stats: dict | None = None) -> torch.Tensor:
     """Image-token grid (N, num_image_tokens) for left-padded prompts ending in <begin_of_image>.
 
     Conditional and unconditional rows run as one batch of 2N rows (halves),
     logits = uncond + w * (cond - uncond). `num_tokens` (default: a whole image) lets benchmarks run part of it.
+    `jacobi_window` > 1 turns on speculative Jacobi decoding (see `_jacobi_decode`): fewer forward passes,
+    the same output distribution. `stats`, when given, receives "forward_passes" (the prefill included).
     """
     n = input_ids.shape[0]
     num_tokens = num_tokens or model.config.num_image_tokens
@@ -68,15 +81,94 @@ def generate_image_tokens(model: JanusModel, input_ids: torch.Tensor, padding_ma
     mask = torch.cat([padding_mask, padding_mask])
     cache, hidden, next_pos = _prefill(model, model.embed_text(ids), mask, num_tokens)
     codes = torch.empty(n, num_tokens, dtype=torch.long, device=input_ids.device)
-    for i in range(num_tokens):
-        logits = model.image_logits(hidden).float()
-        cond, uncond = logits[:n], logits[n:]
-        codes[:, i] = sample_next(uncond + guidance_scale * (cond - uncond), temperature, top_k, top_p, generator)
-        if on_step is not None:
-            on_step()
-        if i == num_tokens - 1:
-            break  # the last token's embedding would never be used
-        embeds = model.embed_image_tokens(codes[:, i]).repeat(2, 1)[:, None]
-        hidden = model.hidden_states(embeds, next_pos, None, cache)[:, -1]
-        next_pos = next_pos + 1
+    codes[:, 0] = sample_next(_guided_logits(model, hidden, guidance_scale), temperature, top_k, top_p, generator)
+    if on_step is not None:
+        on_step()
+    passes = 1
+    if jacobi_window > 1:
+        passes += _jacobi_decode(model, cache, next_pos, codes, guidance_scale, temperature, top_k, top_p,
+                                 generator, on_step, jacobi_window)
+    else:
+        for i in range(1, num_tokens):
+            embeds = model.embed_image_tokens(codes[:, i - 1]).repeat(2, 1)[:, None]
+            hidden = model.hidden_states(embeds, next_pos, None, cache)[:, -1]
+            next_pos = next_pos + 1
+            codes[:, i] = sample_next(_guided_logits(model, hidden, guidance_scale), temperature, top_k, top_p,
+                                      generator)
+            passes += 1
+            if on_step is not None:
+                on_step()
+    if stats is not None:
+        stats["forward_passes"] = passes
     return codes
+
+
+def _jacobi_decode(model: JanusModel, cache, next_pos: torch.Tensor, codes: torch.Tensor, guidance_scale: float,
+                   temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+                   on_step: Callable[[], None] | None, window: int) -> int:
+    """Fill `codes[:, 1:]` by speculative Jacobi decoding; returns the number of forward passes.
+
+    Speculative Jacobi decoding (Teng et al., 2024, arXiv:2410.01699): every pass feeds the last
+    accepted token plus up to `window - 1` draft tokens and so gets the next `window` distributions
+    at once. Drafts are checked in order as in speculative sampling: draft x, drawn from q, is kept
+    with probability min(1, p(x) / q(x)); the first one refused is redrawn from max(0, p - q) and
+    the rest are refreshed from this pass's (Jacobi) distributions, with those as their new q.
+    Fresh drafts start uniform. Every kept token is thus an exact sample of p, whatever the drafts
+    were (greedy: a draft is kept when it is the argmax). All images of the batch advance by the
+    fewest tokens any of them kept, which keeps one shared cache and stays exact.
+    """
+    n, num_tokens = codes.shape
+    greedy = temperature < GREEDY_BELOW
+    device = codes.device
+    drafts = torch.empty(n, 0, dtype=torch.long, device=device)
+    draft_probs = None  # (n, drafts, V): the distribution each draft was drawn from
+    accepted, passes = 1, 0
+    while accepted < num_tokens:
+        width = min(window, num_tokens - accepted)  # distributions this pass yields: positions accepted..+width-1
+        missing = width - 1 - drafts.shape[1]
+        if missing > 0:
+            vocab = model.config.vq.codebook_size
+            fresh = torch.randint(vocab, (n, missing), generator=generator, device=device)
+            drafts = torch.cat([drafts, fresh], dim=1)
+            if not greedy:
+                uniform = torch.full((n, missing, vocab), 1.0 / vocab, device=device)
+                draft_probs = uniform if draft_probs is None else torch.cat([draft_probs, uniform], dim=1)
+        drafts = drafts[:, :width - 1]
+        inputs = torch.cat([codes[:, accepted - 1:accepted], drafts], dim=1)
+        positions = next_pos + torch.arange(width, device=device)
+        hidden = model.hidden_states(model.embed_image_tokens(inputs).repeat(2, 1, 1), positions, None, cache)
+        logits = _guided_logits(model, hidden, guidance_scale)  # (n, width, V)
+        passes += 1
+        if greedy:
+            targets = logits.argmax(dim=-1)
+            keep = drafts == targets[:, :-1]
+        else:
+            probs = sampling_probs(logits, temperature, top_k, top_p)
+            draft_probs = draft_probs[:, :width - 1]
+            p_draft = probs[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
+            q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+            keep = torch.rand(p_draft.shape, generator=generator, device=device) * q_draft < p_draft
+        kept = int(keep.long().cumprod(dim=1).sum(dim=1).min())  # drafts every image keeps
+        codes[:, accepted:accepted + kept] = drafts[:, :kept]
+        # The token after them: the draft where an image kept it too, else the redrawn (or next) token.
+        if greedy:
+            token = targets[:, kept]
+        elif kept == width - 1:
+            token = sample_from(probs[:, kept], generator)
+        else:
+            residual = (probs[:, kept] - draft_probs[:, kept]).clamp(min=0)
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, probs[:, kept])
+            token = torch.where(keep[:, kept], drafts[:, kept], sample_from(residual, generator))
+        codes[:, accepted + kept] = token
+        # Only the last accepted token and the kept drafts wrote valid keys and values.
+        cache.length -= width - 1 - kept
+        next_pos = next_pos + kept + 1
+        accepted += kept + 1
+        if on_step is not None:
+            for _ in range(kept + 1):
+                on_step()
+        # Jacobi update: the positions past the new token get this pass's distributions as drafts.
+        later = logits[:, kept + 1:] if greedy else probs[:, kept + 1:]
+        drafts = later.argmax(dim=-1) if greedy else sample_from(later, generator)
+        draft_probs = None if greedy else later
+    return passes

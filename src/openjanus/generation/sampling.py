@@ -18,11 +18,12 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of `logits` (B, V); temperature 0 means greedy argmax."""
-    if temperature < GREEDY_BELOW:
-        return logits.argmax(dim=-1)
+def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """The distribution that sampling draws from, over the last dimension of `logits` (any leading shape).
+
+    Temperature must not be greedy (callers take the argmax themselves).
+    """
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -34,8 +35,21 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         drop = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
         drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per distribution in `probs` (..., V), shaped like its leading dimensions."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of `logits` (B, V); temperature 0 means greedy argmax."""
+    if temperature < GREEDY_BELOW:
+        return logits.argmax(dim=-1)
+    return sample_from(sampling_probs(logits, temperature, top_k, top_p), generator)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator | None:
