@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from .cli_errors import clean_errors, fail
+from .cli_options import DeviceOption, DtypeOption, JacobiOption, load_pipeline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DeepSeek Janus / Janus-Pro: chat about images, generate images, convert checkpoints.")
@@ -17,16 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Checkpoint directory "
                                                      "(official, transformers or openjanus layout); "
                                                      "default: the shipped model.")]
-DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")]
-DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")]
 QuantizationOption = Annotated[str | None, typer.Option(help="int8: weight-only int8 LLM and heads (about half "
                                                              "the weight bytes, faster on CPU); default none.")]
-
-
-def _pipeline(model: Path | None, device: str | None, dtype: str | None, quantization: str | None = None):
-    from .pipeline import JanusPipeline
-
-    return JanusPipeline.from_pretrained(model, device=device, dtype=dtype, quantization=quantization)
 
 
 @app.command()
@@ -45,11 +38,10 @@ def generate(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     quantization: QuantizationOption = None,
-    jacobi_window: Annotated[int, typer.Option("--jacobi-window", help="Speculative Jacobi decoding: up to this "
-                                               "many image tokens per forward pass, same distribution; 0 = off.")] = 0,
+    jacobi_window: JacobiOption = 0,
 ) -> None:
     """Generate images from text prompts; writes PNGs named 000.png, 001.png, ... (prompt-major)."""
-    pipe = _pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization)
     images = pipe.generate_images(prompt, num_images_per_prompt=num_images, guidance_scale=guidance_scale,
                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                   jacobi_window=jacobi_window)
@@ -78,7 +70,7 @@ def ask(
     if len(image) < 2:
         fail("give at least one image and a question: openjanus ask IMAGE QUESTION")
     *images, question = image
-    pipe = _pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization)
     pieces = pipe.chat([{"role": "user", "content": str(question), "images": [str(p) for p in images]}],
                        stream=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        top_k=top_k, seed=seed)
@@ -99,7 +91,7 @@ def chat(
     quantization: QuantizationOption = None,
 ) -> None:
     """Interactive multi-turn chat. `/image PATH` attaches an image to the next message; `/reset`, `/exit`."""
-    pipe = _pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization)
     history: list[dict] = []
     pending: list[str] = []
     typer.echo("openjanus chat: /image PATH attaches an image, /reset clears history, /exit quits.")

@@ -8,34 +8,25 @@ from typing import Annotated
 import typer
 
 from ..cli_errors import clean_errors
+from ..cli_options import DeviceOption, DtypeOption, JacobiOption, load_pipeline
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Exact offline evaluations (shapes-GenEval, shapes-VQA) and GenEval exports.")
 
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Checkpoint directory; default: the "
                                                      "shipped model.")]
-DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")]
-DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")]
 QuantizationOption = Annotated[str | None, typer.Option(help="int8: score the weight-only int8 model.")]
 OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="Folder for the JSON report and sample grid.")]
 SeedOption = Annotated[int, typer.Option(help="Sampling seed; same seed and batch size, same images.")]
 ImagesOption = Annotated[int, typer.Option("--images-per-prompt", help="Images per prompt (GenEval: 4).")]
 GuidanceOption = Annotated[float, typer.Option("--guidance-scale", help="Classifier-free guidance weight.")]
 TemperatureOption = Annotated[float, typer.Option(help="Sampling temperature for image tokens; 0 = greedy.")]
-JacobiOption = Annotated[int, typer.Option("--jacobi-window", help="Speculative Jacobi decoding: up to this many "
-                                           "image tokens per forward pass, same distribution; 0 = off.")]
 BatchOption = Annotated[int, typer.Option("--batch-size", help="Prompts (or questions) per forward batch.")]
 
 
 def register(app: typer.Typer) -> None:
     """Add the `eval` command group to the main CLI."""
     app.add_typer(eval_app, name="eval")
-
-
-def _pipeline(model: Path | None, device: str | None, dtype: str | None, quantization: str | None = None):
-    from ..pipeline import JanusPipeline
-
-    return JanusPipeline.from_pretrained(model, device=device, dtype=dtype, quantization=quantization)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -68,7 +59,7 @@ def shapes_geneval_command(
     """Text-to-image on held-out ShapesWorld prompts, scored exactly, with oracle and tokenizer ceilings."""
     from .shapes_geneval import shapes_geneval
 
-    pipe = _pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization)
     report = shapes_geneval(pipe, n_per_task=n_per_task, images_per_prompt=images_per_prompt,
                             guidance_scale=guidance_scale, temperature=temperature, seed=seed,
                             batch_size=batch_size, out_dir=out, jacobi_window=jacobi_window)
@@ -96,7 +87,7 @@ def shapes_vqa_command(
     """Greedy one-word answers to held-out ShapesWorld questions: accuracy per family and yes-ratios."""
     from .shapes_vqa import shapes_vqa
 
-    pipe = _pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization)
     report = shapes_vqa(pipe, n_per_family=n_per_family, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         out_dir=out)
     yes, expected = report["yes_ratio"], report["expected_yes_ratio"]
@@ -126,7 +117,7 @@ def geneval_export_command(
     from .geneval_export import export_geneval, load_metadata
 
     metadata = load_metadata(prompts)  # fail on a bad file before loading the model
-    pipe = _pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization)
     summary = export_geneval(pipe, metadata, out, images_per_prompt=images_per_prompt,
                              guidance_scale=guidance_scale, temperature=temperature, seed=seed,
                              batch_size=batch_size)
