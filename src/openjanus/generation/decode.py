@@ -119,7 +119,7 @@ def _jacobi_decode(model: JanusModel, cache, next_pos: torch.Tensor, codes: torc
     """
     n, num_tokens = codes.shape
     greedy = temperature < GREEDY_BELOW
-    device = codes.device
+    device, vocab = codes.device, model.config.vq.codebook_size
     drafts = torch.empty(n, 0, dtype=torch.long, device=device)
     draft_probs = None  # (n, drafts, V): the distribution each draft was drawn from
     accepted, passes = 1, 0
@@ -127,13 +127,14 @@ def _jacobi_decode(model: JanusModel, cache, next_pos: torch.Tensor, codes: torc
         width = min(window, num_tokens - accepted)  # distributions this pass yields: positions accepted..+width-1
         missing = width - 1 - drafts.shape[1]
         if missing > 0:
-            vocab = model.config.vq.codebook_size
             fresh = torch.randint(vocab, (n, missing), generator=generator, device=device)
             drafts = torch.cat([drafts, fresh], dim=1)
             if not greedy:
                 uniform = torch.full((n, missing, vocab), 1.0 / vocab, device=device)
                 draft_probs = uniform if draft_probs is None else torch.cat([draft_probs, uniform], dim=1)
         drafts = drafts[:, :width - 1]
+        if not greedy:
+            draft_probs = draft_probs[:, :width - 1]
         inputs = torch.cat([codes[:, accepted - 1:accepted], drafts], dim=1)
         positions = next_pos + torch.arange(width, device=device)
         hidden = model.hidden_states(model.embed_image_tokens(inputs).repeat(2, 1, 1), positions, None, cache)
@@ -144,7 +145,6 @@ def _jacobi_decode(model: JanusModel, cache, next_pos: torch.Tensor, codes: torc
             keep = drafts == targets[:, :-1]
         else:
             probs = sampling_probs(logits, temperature, top_k, top_p)
-            draft_probs = draft_probs[:, :width - 1]
             p_draft = probs[:, :-1].gather(-1, drafts[..., None]).squeeze(-1)
             q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
             keep = torch.rand(p_draft.shape, generator=generator, device=device) * q_draft < p_draft
