@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .cli_errors import clean_errors, fail
-from .cli_options import DeviceOption, DtypeOption, JacobiOption, load_pipeline
+from .cli_options import CompileOption, DeviceOption, DtypeOption, JacobiOption, load_pipeline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="DeepSeek Janus / Janus-Pro: chat about images, generate images, convert checkpoints.")
@@ -39,9 +39,10 @@ def generate(
     dtype: DtypeOption = None,
     quantization: QuantizationOption = None,
     jacobi_window: JacobiOption = 0,
+    compile: CompileOption = False,
 ) -> None:
     """Generate images from text prompts; writes PNGs named 000.png, 001.png, ... (prompt-major)."""
-    pipe = load_pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization, compile)
     images = pipe.generate_images(prompt, num_images_per_prompt=num_images, guidance_scale=guidance_scale,
                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                   jacobi_window=jacobi_window)

@@ -9,12 +9,17 @@ import typer
 
 DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")]
+CompileOption = Annotated[bool, typer.Option("--compile", help="Compile the image-token step (torch.compile; "
+                                             "CUDA graphs on a GPU). The first image pays for compiling.")]
 JacobiOption = Annotated[int, typer.Option("--jacobi-window", help="Speculative Jacobi decoding: up to this many "
                                            "image tokens per forward pass, same distribution; 0 = off.")]
 
 
-def load_pipeline(model: Path | None, device: str | None, dtype: str | None, quantization: str | None = None):
-    """The JanusPipeline for a command's --model/--device/--dtype/--quantization (imported late: torch is slow)."""
+def load_pipeline(model: Path | None, device: str | None, dtype: str | None, quantization: str | None = None,
+                  compile: bool = False):
+    """The JanusPipeline for a command's --model/--device/--dtype/--quantization/--compile (imported late:
+    torch is slow)."""
     from .pipeline import JanusPipeline
 
-    return JanusPipeline.from_pretrained(model, device=device, dtype=dtype, quantization=quantization)
+    return JanusPipeline.from_pretrained(model, device=device, dtype=dtype, quantization=quantization,
+                                         compile=compile)

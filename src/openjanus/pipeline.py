@@ -11,7 +11,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import JanusConfig
-from .generation import MAX_JACOBI_WINDOW, check_sampling, generate_image_tokens, make_generator, stream_text
+from .generation import (
+    MAX_JACOBI_WINDOW,
+    check_sampling,
+    compile_image_step,
+    generate_image_tokens,
+    make_generator,
+    stream_text,
+)
 from .model import JanusModel
 from .model.kernels import pack_linears
 from .model.quant import check_quantization, quantize
@@ -51,8 +58,11 @@ def _default_dtype(device: str, config: JanusConfig) -> torch.dtype:
 class JanusPipeline:
     """Understanding (`ask`, `chat`) and text-to-image (`generate_images`) with one Janus model."""
 
-    def __init__(self, model: JanusModel, tokenizer: JanusTokenizer, chat_format: ChatFormat | None = None):
+    def __init__(self, model: JanusModel, tokenizer: JanusTokenizer, chat_format: ChatFormat | None = None,
+                 compile: bool = False):
         self.model = model.eval()
+        # Compiled lazily on the first image; a GPU path (CUDA graphs), optional on CPU.
+        self.image_step = compile_image_step(self.device) if compile else None
         self.tokenizer = tokenizer
         self.chat_format = chat_format or chat_format_for(model.config.sft_format)
         if tokenizer.vocab_size > model.config.llm.vocab_size:
@@ -61,12 +71,15 @@ class JanusPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | None = None,
-                        dtype: str | torch.dtype | None = None, quantization: str | None = None) -> JanusPipeline:
+                        dtype: str | torch.dtype | None = None, quantization: str | None = None,
+                        compile: bool = False) -> JanusPipeline:
         """Load a local checkpoint directory (official, transformers or openjanus layout); None = shipped model.
 
         `quantization="int8"` stores the LLM's linear layers and heads as int8 with per-channel
         scales (about half the bf16 bytes, faster decoding on CPU); the rest stays in `dtype`.
         On CPU in bf16 the remaining linear layers are packed for oneDNN (same results, faster).
+        `compile=True` runs each image-token step through torch.compile, captured as CUDA graphs on a
+        GPU (the first image pays for compiling; meant for GPUs, where eager steps are launch-bound).
         """
         from .weights import read_config
 
@@ -77,7 +90,9 @@ class JanusPipeline:
         dtype = resolve_dtype(dtype) or _default_dtype(device, config)
         checkpoint = load_checkpoint(path, device=device, dtype=dtype)
         tokenizer = JanusTokenizer.from_file(path / "tokenizer.json")
-        return cls(pack_linears(quantize(checkpoint.model, quantization)), tokenizer)
+        model = quantize(checkpoint.model, quantization)
+        # oneDNN-packed weights are opaque to torch.compile, which lays weights out itself.
+        return cls(model if compile else pack_linears(model), tokenizer, compile=compile)
 
     @property
     def config(self) -> JanusConfig:
@@ -182,7 +197,7 @@ class JanusPipeline:
             return generate_image_tokens(self.model, batch.input_ids, batch.padding_mask, self.tokenizer.pad_id,
                                          guidance_scale, temperature, top_k, top_p,
                                          make_generator(seed, self.device), on_step=step,
-                                         jacobi_window=jacobi_window, stats=stats)
+                                         jacobi_window=jacobi_window, stats=stats, image_step=self.image_step)
         finally:
             bar.close()
 

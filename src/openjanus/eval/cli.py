@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..cli_errors import clean_errors
-from ..cli_options import DeviceOption, DtypeOption, JacobiOption, load_pipeline
+from ..cli_options import CompileOption, DeviceOption, DtypeOption, JacobiOption, load_pipeline
 
 eval_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Exact offline evaluations (shapes-GenEval, shapes-VQA) and GenEval exports.")
@@ -55,11 +55,12 @@ def shapes_geneval_command(
     dtype: DtypeOption = None,
     quantization: QuantizationOption = None,
     jacobi_window: JacobiOption = 0,
+    compile: CompileOption = False,
 ) -> None:
     """Text-to-image on held-out ShapesWorld prompts, scored exactly, with oracle and tokenizer ceilings."""
     from .shapes_geneval import shapes_geneval
 
-    pipe = load_pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization, compile)
     report = shapes_geneval(pipe, n_per_task=n_per_task, images_per_prompt=images_per_prompt,
                             guidance_scale=guidance_scale, temperature=temperature, seed=seed,
                             batch_size=batch_size, out_dir=out, jacobi_window=jacobi_window)

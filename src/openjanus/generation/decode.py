@@ -18,9 +18,14 @@ def positions_from_mask(padding_mask: torch.Tensor) -> torch.Tensor:
     return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _prefill(model: JanusModel, inputs_embeds: torch.Tensor, padding_mask: torch.Tensor, new_tokens: int):
+# A compiled step is specialised to its cache's shape: prompt lengths share caches in buckets of this size.
+STATIC_CACHE_BUCKET = 64
+
+
+def _prefill(model: JanusModel, inputs_embeds: torch.Tensor, padding_mask: torch.Tensor, new_tokens: int,
+             bucket: int = 1):
     batch, length = padding_mask.shape
-    cache = model.new_cache(batch, length + new_tokens)
+    cache = model.new_cache(batch, -(-length // bucket) * bucket + new_tokens)
     positions = positions_from_mask(padding_mask)
     hidden = model.hidden_states(inputs_embeds, positions, padding_mask, cache)[:, -1]
     return cache, hidden, positions[:, -1:] + 1
@@ -62,24 +67,53 @@ def _guided_logits(model: JanusModel, hidden: torch.Tensor, guidance_scale: floa
     return uncond + guidance_scale * (cond - uncond)
 
 
+def static_image_step(model: JanusModel, cache, previous: torch.Tensor, positions: torch.Tensor,
+                      slot: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Guided logits (N, V) of the next image token after `previous` (N,), with static shapes throughout.
+
+    The step that `compile_image_step` compiles: `positions` (2N, 1) and `slot` (1,) are tensors,
+    so neither the graph nor a captured CUDA graph depends on how far the image is.
+    """
+    embeds = model.embed_image_tokens(previous).repeat(2, 1)[:, None]
+    hidden = model.backbone.decode_step(embeds, positions, slot, cache)[:, -1]
+    return _guided_logits(model, hidden, guidance_scale)
+
+
+def compile_image_step(device: torch.device | str) -> Callable:
+    """`static_image_step` under torch.compile; on CUDA also captured as CUDA graphs ("reduce-overhead")."""
+    if torch.device(device).type != "cuda":
+        return torch.compile(static_image_step, dynamic=False)
+    compiled = torch.compile(static_image_step, mode="reduce-overhead", dynamic=False)
+
+    def step(*args):
+        # Each call starts a new graph replay; the previous step's logits have been consumed by then.
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args)
+
+    return step
+
+
 @torch.inference_mode()
 def generate_image_tokens(model: JanusModel, input_ids: torch.Tensor, padding_mask: torch.Tensor, pad_id: int,
                           guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int | None = None,
                           top_p: float | None = None, generator: torch.Generator | None = None,
                           on_step: Callable[[], None] | None = None, num_tokens: int | None = None,
-                          jacobi_window: int = 0, stats: dict | None = None) -> torch.Tensor:
+                          jacobi_window: int = 0, stats: dict | None = None,
+                          image_step: Callable | None = None) -> torch.Tensor:
     """Image-token grid (N, num_image_tokens) for left-padded prompts ending in <begin_of_image>.
 
     Conditional and unconditional rows run as one batch of 2N rows (halves),
     logits = uncond + w * (cond - uncond). `num_tokens` (default: a whole image) lets benchmarks run part of it.
     `jacobi_window` > 1 turns on speculative Jacobi decoding (see `_jacobi_decode`): fewer forward passes,
     the same output distribution. `stats`, when given, receives "forward_passes" (the prefill included).
+    `image_step` (from `compile_image_step`) replaces the plain loop's eager steps (not Jacobi's).
     """
     n = input_ids.shape[0]
     num_tokens = num_tokens or model.config.num_image_tokens
     ids = torch.cat([input_ids, unconditional_ids(input_ids, padding_mask, pad_id)])
     mask = torch.cat([padding_mask, padding_mask])
-    cache, hidden, next_pos = _prefill(model, model.embed_text(ids), mask, num_tokens)
+    bucket = STATIC_CACHE_BUCKET if image_step is not None and jacobi_window <= 1 else 1
+    cache, hidden, next_pos = _prefill(model, model.embed_text(ids), mask, num_tokens, bucket)
     codes = torch.empty(n, num_tokens, dtype=torch.long, device=input_ids.device)
     codes[:, 0] = sample_next(_guided_logits(model, hidden, guidance_scale), temperature, top_k, top_p, generator)
     if on_step is not None:
@@ -89,12 +123,19 @@ def generate_image_tokens(model: JanusModel, input_ids: torch.Tensor, padding_ma
         passes += _jacobi_decode(model, cache, next_pos, codes, guidance_scale, temperature, top_k, top_p,
                                  generator, on_step, jacobi_window)
     else:
+        if image_step is not None:
+            cache.mark_static()
         for i in range(1, num_tokens):
-            embeds = model.embed_image_tokens(codes[:, i - 1]).repeat(2, 1)[:, None]
-            hidden = model.hidden_states(embeds, next_pos, None, cache)[:, -1]
+            if image_step is None:
+                embeds = model.embed_image_tokens(codes[:, i - 1]).repeat(2, 1)[:, None]
+                logits = _guided_logits(model, model.hidden_states(embeds, next_pos, None, cache)[:, -1],
+                                        guidance_scale)
+            else:
+                slot = torch.full((1,), cache.length, dtype=torch.long, device=codes.device)
+                logits = image_step(model, cache, codes[:, i - 1], next_pos, slot, guidance_scale)
+                cache.length += 1
             next_pos = next_pos + 1
-            codes[:, i] = sample_next(_guided_logits(model, hidden, guidance_scale), temperature, top_k, top_p,
-                                      generator)
+            codes[:, i] = sample_next(logits, temperature, top_k, top_p, generator)
             passes += 1
             if on_step is not None:
                 on_step()

@@ -53,6 +53,11 @@ class KVCache:
         self.key_mask.zero_()
         self.length = 0
 
+    def mark_static(self) -> None:
+        """Tell torch.compile the buffers never move, so CUDA graphs use them in place instead of copying."""
+        for tensor in (*self.keys, *self.values, self.key_mask):
+            torch._dynamo.mark_static_address(tensor)
+
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin of shape (B, 1, T, head_dim) for the rotate-half RoPE convention."""
@@ -84,13 +89,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, config.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(config.num_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0,
+                start: int | torch.Tensor = 0):
+        """`start` is the cache slot of the first token; as a tensor (the static decode step) the
+        keys and values are written there and attention spans the whole cache, which `mask` limits."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        if isinstance(start, torch.Tensor):
+            cache.keys[layer].index_copy_(2, start, k)
+            cache.values[layer].index_copy_(2, start, v)
+            k, v = cache.keys[layer], cache.values[layer]
+        elif cache is not None:
             cache.keys[layer][:, :, start:start + t] = k
             cache.values[layer][:, :, start:start + t] = v
             k = cache.keys[layer][:, :, :start + t]
@@ -182,6 +194,23 @@ class LlamaBackbone(nn.Module):
             x = layer(x, cos, sin, mask, cache, i, start)
         if cache is not None:
             cache.length = start + t
+        return self.norm(x)
+
+    def decode_step(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor,
+                    cache: KVCache) -> torch.Tensor:
+        """Normed hidden states (B, 1, D) of one new token per row, stored at cache slot `slot` (shape (1,)).
+
+        Every shape is fixed by the cache, not by how full it is, so one compiled graph (and one
+        CUDA graph) serves every step. Attention reads the whole cache with the unfilled slots
+        masked, so this costs more than `forward` when run eagerly; `cache.length` is the caller's.
+        """
+        cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        cache.key_mask.index_fill_(1, slot, True)
+        key_pos = torch.arange(cache.max_length, device=slot.device)
+        mask = (cache.key_mask & (key_pos <= slot))[:, None, None, :]
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i, slot)
         return self.norm(x)
 
 

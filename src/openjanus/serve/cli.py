@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..cli_errors import EXPECTED, fail, first_line
+from ..cli_options import CompileOption, DeviceOption, DtypeOption
 
 
 def register(app: typer.Typer) -> None:
@@ -44,11 +45,11 @@ def serve(
     max_image_rows: Annotated[int, typer.Option(help="Images generated together.")] = 8,
     model_name: Annotated[str | None, typer.Option(help="Model id shown by /v1/models (default: the "
                                                         "checkpoint folder's name).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")]
-    = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     quantization: Annotated[str | None, typer.Option(help="int8: weight-only int8 LLM and heads (about half the "
                                                           "weight bytes, faster on CPU); default none.")] = None,
+    compile: CompileOption = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/images/generations) and a web page at /."""
@@ -67,7 +68,8 @@ def serve(
                                  cors_origins=tuple(cors_origin or ()), max_queue=max_queue,
                                  request_timeout=request_timeout, max_batch_size=max_batch_size,
                                  max_image_rows=max_image_rows)
-        pipe = JanusPipeline.from_pretrained(model, device=device, dtype=dtype, quantization=quantization)
+        pipe = JanusPipeline.from_pretrained(model, device=device, dtype=dtype, quantization=quantization,
+                                             compile=compile)
     except EXPECTED as error:
         fail(first_line(error))
     if not _is_loopback(host) and not settings.api_key:
