@@ -22,6 +22,18 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert "openjanus" in table and "s/image int8" in table and "text decode tokens/s int8" in table
 
 
+def test_images_bench_smoke(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import openjanus.bench as bench
+
+    monkeypatch.setattr(bench, "CACHE", tmp_path)
+    results = bench.run_images("tiny", "cpu", images=2, repeats=1, out=tmp_path / "images.json")
+    assert (tmp_path / "images.json").exists()
+    assert set(results["seconds"]) == {"openjanus", "openjanus_compiled", "port"}
+    assert all(seconds > 0 for seconds in results["seconds"].values())
+    assert "openjanus_compiled" in bench.format_images_table(results)
+
+
 def test_cached_greedy_image_tokens_equal_uncached_forward(tiny_model_dir):
     """The KV-cached loop must pick exactly what full recomputation of every prefix picks."""
     from openjanus.weights import load_checkpoint

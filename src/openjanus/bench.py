@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import JanusConfig, get_preset
-from .generation import generate_image_tokens, stream_text
+from .generation import compile_image_step, generate_image_tokens, stream_text
 from .model import JanusModel
 from .model.kernels import pack_linears
 from .model.quant import check_quantization, quantize
@@ -221,6 +221,81 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _synchronized(device: torch.device, fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return run
+
+
+def run_images(size: str = "tiny", device: str = "cuda", dtype: str = "bfloat16", images: int = 16,
+               repeats: int = 3, out: Path | None = None) -> dict:
+    """Seconds for `images` guided images of one prompt, tokens and VQ decode, as the GPU target states it.
+
+    Times openjanus eager, openjanus with the compiled step (CUDA graphs on a GPU; its compile is
+    warm-up) and the transformers port, interleaved, best of `repeats` each, on the same weights.
+    """
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    device = torch.device(device)
+    config = tiny_config() if size == "tiny" else get_preset(size)
+    path = _checkpoint(size, config, torch_dtype)
+    ours = load_checkpoint(path, device=device, dtype=torch_dtype).model.eval()
+    port = transformers.JanusForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    bos, boi, pad = 1, 2, 3
+    port.generation_config.generation_kwargs = {"boi_token_id": boi}
+    prompt = torch.randint(10, config.llm.vocab_size - 10, (1, 24), generator=torch.Generator().manual_seed(1))
+    prompt[0, 0], prompt[0, -1] = bos, boi
+    ids = prompt.repeat(images, 1).to(device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    step = compile_image_step(device)
+
+    def ours_images(image_step=None):
+        codes = generate_image_tokens(ours, ids, mask, pad, 5.0, 1.0, image_step=image_step)
+        ours.decode_image_tokens(codes)
+
+    def port_images():
+        codes = port.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                              do_sample=True, guidance_scale=5.0, bos_token_id=bos, pad_token_id=pad)
+        port.decode_image_tokens(codes)
+
+    systems = {"openjanus": _synchronized(device, ours_images),
+               "openjanus_compiled": _synchronized(device, lambda: ours_images(step)),
+               "port": _synchronized(device, port_images)}
+    best = dict.fromkeys(systems, float("inf"))
+    with torch.inference_mode():
+        for run in systems.values():
+            run()  # warm-up; compiles the step
+        for _ in range(repeats):
+            for name, run in systems.items():
+                best[name] = min(best[name], _timed(run))
+    results = {"size": size, "dtype": dtype, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+               else platform.processor() or platform.machine(), "images": images,
+               "image_size": config.image_size, "torch": torch.__version__,
+               "transformers": transformers.__version__, "seconds": best,
+               "speedup": {name: best["port"] / best[name] for name in ("openjanus", "openjanus_compiled")}}
+    if device.type == "cuda":
+        results["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_images_table(results: dict) -> str:
+    """A plain-text table of a `run_images` result."""
+    lines = [f"{results['images']} images at {results['image_size']} px, size {results['size']} {results['dtype']}, "
+             f"{results['device']}, torch {results['torch']}, transformers {results['transformers']}",
+             f"{'system':20s} {'seconds':>9s} {'vs port':>8s}"]
+    for name, seconds in results["seconds"].items():
+        ratio = results["speedup"].get(name, 1.0)
+        lines.append(f"{name:20s} {seconds:9.3f} {ratio:7.2f}x")
+    return "\n".join(lines)
 
 
 def format_table(results: dict) -> str:
