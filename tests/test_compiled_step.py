@@ -1,12 +1,14 @@
-"""The static-shape image step (the one torch.compile and CUDA graphs run) against the plain eager loop."""
+"""The static-shape decode steps (the ones torch.compile and CUDA graphs run) against the plain eager loops."""
 
+import numpy as np
 import torch
 from conftest import randomize, tiny_config
 
-from openjanus.generation import generate_image_tokens
-from openjanus.generation.decode import _guided_logits, _prefill, static_image_step
+from openjanus.generation import generate_image_tokens, stream_text
+from openjanus.generation.decode import _guided_logits, _prefill, static_image_step, static_text_step
 from openjanus.model import JanusModel
 from openjanus.pipeline import JanusPipeline
+from openjanus.worlds.shapes import render, sample_scene
 
 PAD = 396
 PROMPTS = torch.tensor([[PAD, PAD, 1, 20, 30, 397], [1, 20, 30, 40, 50, 397], [1, 60, 70, 80, 90, 397]])
@@ -26,7 +28,7 @@ def test_static_step_logits_match_the_dynamic_step():
     ids, mask = torch.cat([PROMPTS, PROMPTS]), torch.cat([MASK, MASK])
     dynamic_cache, _, positions = _prefill(model, model.embed_text(ids), mask, 4)
     static_cache, _, _ = _prefill(model, model.embed_text(ids), mask, 4, bucket=64)
-    assert static_cache.max_length == 64 + 4  # prompt lengths share one cache shape
+    assert static_cache.max_length == 64  # cache lengths are rounded up: prompts share one cache shape
     previous = torch.tensor([3, 7, 11])
     for step in range(3):
         embeds = model.embed_image_tokens(previous).repeat(2, 1)[:, None]
@@ -46,8 +48,16 @@ def test_greedy_static_loop_equals_plain_loop():
     assert torch.equal(plain, static)
 
 
+def test_greedy_static_text_loop_equals_plain_loop():
+    model = tiny_model()
+    embeds = model.embed_text(PROMPTS)
+    plain = torch.stack(list(stream_text(model, embeds, MASK, 12, eos_id=-1)))
+    static = torch.stack(list(stream_text(model, embeds, MASK, 12, eos_id=-1, text_step=static_text_step)))
+    assert plain.shape == (12, 3) and torch.equal(plain, static)
+
+
 def test_compiled_pipeline_equals_eager(tiny_model_dir):
-    """torch.compile on CPU (inductor): same greedy images as the eager pipeline, across two batch shapes."""
+    """torch.compile on CPU (inductor, frozen weights): the eager pipeline's greedy images, across two batch shapes."""
     eager = JanusPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
     compiled = JanusPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="float32", compile=True)
     assert eager.image_step is None and compiled.image_step is not None
@@ -55,3 +65,16 @@ def test_compiled_pipeline_equals_eager(tiny_model_dir):
         expected = eager.generate_image_tokens(prompts, temperature=0, progress=False)
         got = compiled.generate_image_tokens(prompts, temperature=0, progress=False)
         assert torch.equal(got, expected)
+
+
+def test_compiled_answers_equal_eager():
+    """The compiled text step on the shipped model (whose answers are words, not a random model's repeats)."""
+    eager = JanusPipeline.from_pretrained(device="cpu")
+    compiled = JanusPipeline.from_pretrained(device="cpu", compile=True)
+    assert eager.text_step is None and compiled.text_step is not None
+    images = [render(sample_scene(np.random.default_rng(seed))) for seed in range(3)]
+    conversations = [[{"role": "user", "content": question, "images": [image]}]
+                     for question, image in zip(("How many objects are there?", "Describe the image.",
+                                                 "What color is the circle?"), images)]
+    expected = eager.answer(conversations, max_new_tokens=24)
+    assert all(expected) and len(set(expected)) == 3 and compiled.answer(conversations, max_new_tokens=24) == expected

@@ -66,12 +66,13 @@ def ask(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     quantization: QuantizationOption = None,
+    compile: CompileOption = False,
 ) -> None:
     """Answer a question about one or more images: openjanus ask IMAGE [IMAGE...] QUESTION."""
     if len(image) < 2:
         fail("give at least one image and a question: openjanus ask IMAGE QUESTION")
     *images, question = image
-    pipe = load_pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization, compile)
     pieces = pipe.chat([{"role": "user", "content": str(question), "images": [str(p) for p in images]}],
                        stream=True, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                        top_k=top_k, seed=seed)
@@ -90,9 +91,10 @@ def chat(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     quantization: QuantizationOption = None,
+    compile: CompileOption = False,
 ) -> None:
     """Interactive multi-turn chat. `/image PATH` attaches an image to the next message; `/reset`, `/exit`."""
-    pipe = load_pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization, compile)
     history: list[dict] = []
     pending: list[str] = []
     typer.echo("openjanus chat: /image PATH attaches an image, /reset clears history, /exit quits.")

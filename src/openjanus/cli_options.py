@@ -9,8 +9,8 @@ import typer
 
 DeviceOption = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available)")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16")]
-CompileOption = Annotated[bool, typer.Option("--compile", help="Compile the image-token step (torch.compile; "
-                                             "CUDA graphs on a GPU). The first image pays for compiling.")]
+CompileOption = Annotated[bool, typer.Option("--compile", help="Compile the decode steps (torch.compile; CUDA "
+                                             "graphs on a GPU). The first call of each batch shape compiles.")]
 JacobiOption = Annotated[int, typer.Option("--jacobi-window", help="Speculative Jacobi decoding: up to this many "
                                            "image tokens per forward pass, same distribution; 0 = off.")]
 

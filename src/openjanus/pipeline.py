@@ -15,6 +15,7 @@ from .generation import (
     MAX_JACOBI_WINDOW,
     check_sampling,
     compile_image_step,
+    compile_text_step,
     generate_image_tokens,
     make_generator,
     stream_text,
@@ -61,8 +62,9 @@ class JanusPipeline:
     def __init__(self, model: JanusModel, tokenizer: JanusTokenizer, chat_format: ChatFormat | None = None,
                  compile: bool = False):
         self.model = model.eval()
-        # Compiled lazily on the first image; a GPU path (CUDA graphs), optional on CPU.
+        # Compiled lazily, on the first image and the first answer of each batch shape.
         self.image_step = compile_image_step(self.device) if compile else None
+        self.text_step = compile_text_step(self.device) if compile else None
         self.tokenizer = tokenizer
         self.chat_format = chat_format or chat_format_for(model.config.sft_format)
         if tokenizer.vocab_size > model.config.llm.vocab_size:
@@ -78,8 +80,10 @@ class JanusPipeline:
         `quantization="int8"` stores the LLM's linear layers and heads as int8 with per-channel
         scales (about half the bf16 bytes, faster decoding on CPU); the rest stays in `dtype`.
         On CPU in bf16 the remaining linear layers are packed for oneDNN (same results, faster).
-        `compile=True` runs each image-token step through torch.compile, captured as CUDA graphs on a
-        GPU (the first image pays for compiling; meant for GPUs, where eager steps are launch-bound).
+        `compile=True` runs each decode step (image tokens and text) through torch.compile: captured
+        as CUDA graphs on a GPU, where eager steps are launch-bound; on CPU with the weights frozen
+        into the graph (packed, q/k/v and gate/up concatenated; a second copy of the weights in
+        memory). The first image or answer of each batch shape pays for compiling.
         """
         from .weights import read_config
 
@@ -123,7 +127,8 @@ class JanusPipeline:
         embeds = self.model.prepare_inputs_embeds(batch.input_ids, batch.pixel_values, batch.image_mask)
         rows = [_StopText(self.tokenizer, stop or ()) for _ in conversations]
         steps = stream_text(self.model, embeds, batch.padding_mask, min(max_new_tokens, room),
-                            self.tokenizer.eos_id, temperature, top_k, top_p, make_generator(seed, self.device))
+                            self.tokenizer.eos_id, temperature, top_k, top_p, make_generator(seed, self.device),
+                            text_step=self.text_step)
         for tokens in steps:
             yield [row.push(int(t)) for row, t in zip(rows, tokens.tolist())]
             if all(row.done for row in rows):

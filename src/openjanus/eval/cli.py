@@ -84,11 +84,12 @@ def shapes_vqa_command(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     quantization: QuantizationOption = None,
+    compile: CompileOption = False,
 ) -> None:
     """Greedy one-word answers to held-out ShapesWorld questions: accuracy per family and yes-ratios."""
     from .shapes_vqa import shapes_vqa
 
-    pipe = load_pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization, compile)
     report = shapes_vqa(pipe, n_per_family=n_per_family, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         out_dir=out)
     yes, expected = report["yes_ratio"], report["expected_yes_ratio"]
@@ -113,12 +114,13 @@ def geneval_export_command(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     quantization: QuantizationOption = None,
+    compile: CompileOption = False,
 ) -> None:
     """Generate images for GenEval prompts in the folder layout the official evaluate_images.py reads."""
     from .geneval_export import export_geneval, load_metadata
 
     metadata = load_metadata(prompts)  # fail on a bad file before loading the model
-    pipe = load_pipeline(model, device, dtype, quantization)
+    pipe = load_pipeline(model, device, dtype, quantization, compile)
     summary = export_geneval(pipe, metadata, out, images_per_prompt=images_per_prompt,
                              guidance_scale=guidance_scale, temperature=temperature, seed=seed,
                              batch_size=batch_size)

@@ -18,14 +18,14 @@ def positions_from_mask(padding_mask: torch.Tensor) -> torch.Tensor:
     return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-# A compiled step is specialised to its cache's shape: prompt lengths share caches in buckets of this size.
+# A compiled step is specialised to its cache's shape: cache lengths are rounded up to a multiple of this.
 STATIC_CACHE_BUCKET = 64
 
 
 def _prefill(model: JanusModel, inputs_embeds: torch.Tensor, padding_mask: torch.Tensor, new_tokens: int,
              bucket: int = 1):
     batch, length = padding_mask.shape
-    cache = model.new_cache(batch, -(-length // bucket) * bucket + new_tokens)
+    cache = model.new_cache(batch, -(-(length + new_tokens) // bucket) * bucket)
     positions = positions_from_mask(padding_mask)
     hidden = model.hidden_states(inputs_embeds, positions, padding_mask, cache)[:, -1]
     return cache, hidden, positions[:, -1:] + 1
@@ -34,18 +34,31 @@ def _prefill(model: JanusModel, inputs_embeds: torch.Tensor, padding_mask: torch
 @torch.inference_mode()
 def stream_text(model: JanusModel, inputs_embeds: torch.Tensor, padding_mask: torch.Tensor,
                 max_new_tokens: int, eos_id: int, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,) per step; finished rows repeat EOS; stops when all ended."""
-    cache, hidden, next_pos = _prefill(model, inputs_embeds, padding_mask, max_new_tokens)
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                text_step: Callable | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,) per step; finished rows repeat EOS; stops when all ended.
+
+    `text_step` (from `compile_text_step`) replaces the eager decode steps; same tokens.
+    """
+    bucket = STATIC_CACHE_BUCKET if text_step is not None else 1
+    cache, hidden, next_pos = _prefill(model, inputs_embeds, padding_mask, max_new_tokens, bucket)
+    logits = model.text_logits(hidden)
+    if text_step is not None:
+        cache.mark_static()
     finished = torch.zeros(padding_mask.shape[0], dtype=torch.bool, device=padding_mask.device)
     for step in range(max_new_tokens):
-        tokens = sample_next(model.text_logits(hidden), temperature, top_k, top_p, generator)
+        tokens = sample_next(logits, temperature, top_k, top_p, generator)
         tokens = tokens.masked_fill(finished, eos_id)
         yield tokens
         finished |= tokens == eos_id
         if bool(finished.all()) or step == max_new_tokens - 1:
             return
-        hidden = model.hidden_states(model.embed_text(tokens[:, None]), next_pos, None, cache)[:, -1]
+        if text_step is None:
+            logits = model.text_logits(model.hidden_states(model.embed_text(tokens[:, None]), next_pos, None,
+                                                           cache)[:, -1])
+        else:
+            logits = text_step(model, cache, tokens, next_pos, _next_slot(cache))
+            cache.length += 1
         next_pos = next_pos + 1
 
 
@@ -67,6 +80,17 @@ def _guided_logits(model: JanusModel, hidden: torch.Tensor, guidance_scale: floa
     return uncond + guidance_scale * (cond - uncond)
 
 
+def _next_slot(cache) -> torch.Tensor:
+    return torch.full((1,), cache.length, dtype=torch.long, device=cache.key_mask.device)
+
+
+def static_text_step(model: JanusModel, cache, previous: torch.Tensor, positions: torch.Tensor,
+                     slot: torch.Tensor) -> torch.Tensor:
+    """Text logits (B, V) of the next token after `previous` (B,), with static shapes (see `static_image_step`)."""
+    hidden = model.backbone.decode_step(model.embed_text(previous[:, None]), positions, slot, cache)[:, -1]
+    return model.text_logits(hidden)
+
+
 def static_image_step(model: JanusModel, cache, previous: torch.Tensor, positions: torch.Tensor,
                       slot: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Guided logits (N, V) of the next image token after `previous` (N,), with static shapes throughout.
@@ -79,18 +103,34 @@ def static_image_step(model: JanusModel, cache, previous: torch.Tensor, position
     return _guided_logits(model, hidden, guidance_scale)
 
 
-def compile_image_step(device: torch.device | str) -> Callable:
-    """`static_image_step` under torch.compile; on CUDA also captured as CUDA graphs ("reduce-overhead")."""
-    if torch.device(device).type != "cuda":
-        return torch.compile(static_image_step, dynamic=False)
-    compiled = torch.compile(static_image_step, mode="reduce-overhead", dynamic=False)
+def _compile_step(step: Callable, device: torch.device | str) -> Callable:
+    """A static decode step under torch.compile: CUDA graphs on a GPU, frozen packed weights on CPU.
 
-    def step(*args):
+    On CPU, "freezing" makes the weights constants of the graph, which lets inductor pack them for
+    oneDNN and concatenate the linear layers that share an input (q/k/v, gate/up): one weight stream
+    where eager runs several. The graph then holds its own copy of the weights, so a model changed
+    after the first call (new weights, an adapter) needs a new compiled step.
+    """
+    if torch.device(device).type != "cuda":
+        return torch.compile(step, dynamic=False, options={"freezing": True, "cpp.enable_concat_linear": True})
+    compiled = torch.compile(step, mode="reduce-overhead", dynamic=False)
+
+    def replay(*args):
         # Each call starts a new graph replay; the previous step's logits have been consumed by then.
         torch.compiler.cudagraph_mark_step_begin()
         return compiled(*args)
 
-    return step
+    return replay
+
+
+def compile_image_step(device: torch.device | str) -> Callable:
+    """`static_image_step` under torch.compile (see `_compile_step`)."""
+    return _compile_step(static_image_step, device)
+
+
+def compile_text_step(device: torch.device | str) -> Callable:
+    """`static_text_step` under torch.compile (see `_compile_step`)."""
+    return _compile_step(static_text_step, device)
 
 
 @torch.inference_mode()
@@ -131,8 +171,7 @@ def generate_image_tokens(model: JanusModel, input_ids: torch.Tensor, padding_ma
                 logits = _guided_logits(model, model.hidden_states(embeds, next_pos, None, cache)[:, -1],
                                         guidance_scale)
             else:
-                slot = torch.full((1,), cache.length, dtype=torch.long, device=codes.device)
-                logits = image_step(model, cache, codes[:, i - 1], next_pos, slot, guidance_scale)
+                logits = image_step(model, cache, codes[:, i - 1], next_pos, _next_slot(cache), guidance_scale)
                 cache.length += 1
             next_pos = next_pos + 1
             codes[:, i] = sample_next(logits, temperature, top_k, top_p, generator)
