@@ -11,15 +11,17 @@ def test_bench_smoke(tmp_path, monkeypatch):
     import openjanus.bench as bench
 
     monkeypatch.setattr(bench, "CACHE", tmp_path)
-    results = bench.run("tiny", batches=(1,), steps=(2, 4), repeats=1, out=tmp_path / "r.json")
+    results = bench.run("tiny", batches=(1,), steps=(2, 4), repeats=1, out=tmp_path / "r.json", compile=True)
     assert (tmp_path / "r.json").exists()
     assert results["image_batch1"]["openjanus_s_per_step"] > 0 and results["text_decode"]["port_tokens_per_s"] > 0
     assert results["image_batch1"]["openjanus_int8_s_per_step"] > 0 and results["text_decode"]["int8_speedup"] > 0
+    assert results["image_batch1"]["compiled_speedup"] > 0 and results["text_decode"]["compiled_speedup"] > 0
     assert 0.5 < results["int8_weights_gb"] / results["weights_gb"] < 1  # the vision and VQ models stay bf16
     assert set(results["load_peak_rss_gb"]) == {"none", "int8"} and results["load_peak_rss_gb"]["none"] > 0
     assert 0 < results["text_decode"]["openjanus_bandwidth_gb_s"]
     table = bench.format_table(results)
     assert "openjanus" in table and "s/image int8" in table and "text decode tokens/s int8" in table
+    assert "text decode tokens/s compiled" in table
 
 
 def test_images_bench_smoke(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 Both systems load the same checkpoint (written once in the transformers layout) and are timed
 interleaved, in one run, with warm-up and repeats; results are ratios, never absolute claims.
 Per-step times are differences between two run lengths, so prefill and set-up cancel out.
-With quantizations (int8 by default), openjanus is also timed on the same weights quantized.
+With quantizations (int8 by default), openjanus is also timed on the same weights quantized, and
+with `compile`, with its compiled decode steps.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .config import JanusConfig, get_preset
-from .generation import compile_image_step, generate_image_tokens, stream_text
+from .generation import compile_image_step, compile_text_step, generate_image_tokens, stream_text
 from .model import JanusModel
 from .model.kernels import pack_linears
 from .model.quant import check_quantization, quantize
@@ -120,11 +121,12 @@ def load_peak_rss_gb(path: Path, dtype: str, quantization: str | None = None) ->
 
 def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = (1, 4),
         steps: tuple[int, int] = (4, 12), repeats: int = 3, out: Path | None = None,
-        quantizations: tuple[str, ...] = ("int8",)) -> dict:
+        quantizations: tuple[str, ...] = ("int8",), compile: bool = False) -> dict:
     """Benchmark openjanus against transformers at one size; returns (and optionally writes) the results.
 
     Every name in `quantizations` adds `openjanus_<name>_*` and `<name>_*` entries: openjanus on the
-    same weights quantized, against the port in `dtype`.
+    same weights quantized, against the port in `dtype`; `compile` adds "compiled" entries the same
+    way: openjanus with its compiled decode steps (as `JanusPipeline(compile=True)` runs them).
     """
     import transformers
 
@@ -142,7 +144,11 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
     results["load_peak_rss_gb"] = {name or "none": load_peak_rss_gb(path, dtype, name)
                                    for name in (None, *quantizations)}
     ours = load_for_inference(path, torch_dtype)
-    quantized = {name: load_for_inference(path, torch_dtype, name) for name in quantizations}
+    # Each variant: (model, image step, text step); None steps run the eager loops.
+    variants = {name: (load_for_inference(path, torch_dtype, name), None, None) for name in quantizations}
+    if compile:
+        variants["compiled"] = (load_checkpoint(path, dtype=torch_dtype).model.eval(), compile_image_step("cpu"),
+                                compile_text_step("cpu"))
     port = transformers.JanusForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
     vocab = config.llm.vocab_size
     bos, boi, pad = 1, 2, 3
@@ -154,8 +160,8 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
         ids = prompt.repeat(batch, 1)
         mask = torch.ones_like(ids, dtype=torch.bool)
 
-        def ours_image(k: int, ids=ids, mask=mask, model=ours):
-            generate_image_tokens(model, ids, mask, pad, 5.0, 1.0, num_tokens=k)
+        def ours_image(k: int, ids=ids, mask=mask, model=ours, image_step=None):
+            generate_image_tokens(model, ids, mask, pad, 5.0, 1.0, num_tokens=k, image_step=image_step)
 
         def port_image(k: int, ids=ids):
             port.model.vision_model.config.num_image_tokens = k
@@ -164,8 +170,9 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
 
         with torch.inference_mode():
             ours_step = _per_step(ours_image, *steps, repeats)
-            quantized_steps = {name: _per_step(lambda k, m=model: ours_image(k, model=m), *steps, repeats)
-                               for name, model in quantized.items()}
+            variant_steps = {name: _per_step(lambda k, m=model, s=step: ours_image(k, model=m, image_step=s),
+                                             *steps, repeats)
+                             for name, (model, step, _) in variants.items()}
             port_step = _per_step(port_image, *steps, repeats)
         tokens = config.num_image_tokens
         context = 24 + tokens // 2
@@ -178,8 +185,8 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
             "openjanus_bandwidth_gb_s": step_bytes / ours_step / 1e9,
             "bandwidth_fraction": step_bytes / ours_step / 1e9 / results["read_bandwidth_gb_s"],
         }
-        for name, step in quantized_steps.items():
-            gb_s = _step_bytes(quantized[name], 2 * batch, context) / step / 1e9
+        for name, step in variant_steps.items():
+            gb_s = _step_bytes(variants[name][0], 2 * batch, context) / step / 1e9
             row.update({f"openjanus_{name}_s_per_step": step, f"openjanus_{name}_s_per_image": step * tokens / batch,
                         f"openjanus_{name}_image_tokens_per_s": batch / step, f"{name}_speedup": port_step / step,
                         f"{name}_vs_openjanus": ours_step / step, f"openjanus_{name}_bandwidth_gb_s": gb_s,
@@ -189,8 +196,8 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
     text_ids = torch.randint(10, vocab - 10, (1, 50), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(text_ids, dtype=torch.bool)
 
-    def ours_decode(k: int, model=ours):
-        for _ in stream_text(model, model.embed_text(text_ids), mask, k, eos_id=-1):
+    def ours_decode(k: int, model=ours, text_step=None):
+        for _ in stream_text(model, model.embed_text(text_ids), mask, k, eos_id=-1, text_step=text_step):
             pass
 
     def port_decode(k: int):
@@ -199,23 +206,24 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
 
     with torch.inference_mode():
         ours_tok = _per_step(ours_decode, *steps, repeats)
-        quantized_toks = {name: _per_step(lambda k, m=model: ours_decode(k, model=m), *steps, repeats)
-                          for name, model in quantized.items()}
+        variant_toks = {name: _per_step(lambda k, m=model, s=step: ours_decode(k, model=m, text_step=s),
+                                        *steps, repeats)
+                        for name, (model, _, step) in variants.items()}
         port_tok = _per_step(port_decode, *steps, repeats)
     text_context = text_ids.shape[1] + sum(steps) // 2
     text_gb_s = _step_bytes(ours, 1, text_context, text=True) / ours_tok / 1e9
     text = results["text_decode"] = {"openjanus_tokens_per_s": 1 / ours_tok, "port_tokens_per_s": 1 / port_tok,
                                      "speedup": port_tok / ours_tok, "openjanus_bandwidth_gb_s": text_gb_s,
                                      "bandwidth_fraction": text_gb_s / results["read_bandwidth_gb_s"]}
-    for name, tok in quantized_toks.items():
-        gb_s = _step_bytes(quantized[name], 1, text_context, text=True) / tok / 1e9
+    for name, tok in variant_toks.items():
+        gb_s = _step_bytes(variants[name][0], 1, text_context, text=True) / tok / 1e9
         text.update({f"openjanus_{name}_tokens_per_s": 1 / tok, f"{name}_speedup": port_tok / tok,
                      f"{name}_vs_openjanus": ours_tok / tok, f"openjanus_{name}_bandwidth_gb_s": gb_s,
                      f"{name}_bandwidth_fraction": gb_s / results["read_bandwidth_gb_s"]})
     results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     results["weights_gb"] = _weights_gb(ours)
-    results["quantizations"] = list(quantized)
-    for name, model in quantized.items():
+    results["variants"] = list(variants)
+    for name, (model, _, _) in variants.items():
         results[f"{name}_weights_gb"] = _weights_gb(model)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +308,7 @@ def format_images_table(results: dict) -> str:
 
 def format_table(results: dict) -> str:
     """A plain-text table of a `run` result."""
-    quantizations = results.get("quantizations", [])
+    variants = results.get("variants", [])
     lines = [f"size {results['size']} {results['dtype']}, read bandwidth {results['read_bandwidth_gb_s']:.1f} GB/s, "
              f"{results['threads']} threads, torch {results['torch']}, transformers {results['transformers']}",
              f"{'measure':34s} {'openjanus':>12s} {'transformers':>12s} {'ratio':>7s}"]
@@ -310,7 +318,7 @@ def format_table(results: dict) -> str:
                          f"{value['port_s_per_image']:12.3f} {value['speedup']:7.2f}x")
             lines.append(f"{key + ' bandwidth GB/s (fraction)':34s} {value['openjanus_bandwidth_gb_s']:12.1f} "
                          f"{'':>12s} {value['bandwidth_fraction']:7.0%}")
-            for name in quantizations:
+            for name in variants:
                 lines.append(f"{key + f' s/image {name}':34s} {value[f'openjanus_{name}_s_per_image']:12.3f} "
                              f"{value['port_s_per_image']:12.3f} {value[f'{name}_speedup']:7.2f}x")
                 lines.append(f"{key + f' {name} GB/s (fraction)':34s} "
@@ -321,14 +329,14 @@ def format_table(results: dict) -> str:
                  f"{text['port_tokens_per_s']:12.1f} {text['speedup']:7.2f}x")
     lines.append(f"{'text decode GB/s (fraction)':34s} {text['openjanus_bandwidth_gb_s']:12.1f} {'':>12s} "
                  f"{text['bandwidth_fraction']:7.0%}")
-    for name in quantizations:
+    for name in variants:
         lines.append(f"{f'text decode tokens/s {name}':34s} {text[f'openjanus_{name}_tokens_per_s']:12.1f} "
                      f"{text['port_tokens_per_s']:12.1f} {text[f'{name}_speedup']:7.2f}x")
         lines.append(f"{f'text decode {name} GB/s (fraction)':34s} {text[f'openjanus_{name}_bandwidth_gb_s']:12.1f} "
                      f"{'':>12s} {text[f'{name}_bandwidth_fraction']:7.0%}")
     lines.append(f"peak RSS {results['peak_rss_gb']:.2f} GB "
                  f"(all loaded at once; weights {results['weights_gb']:.2f} GB for openjanus and the port"
-                 + "".join(f", openjanus {name} {results[f'{name}_weights_gb']:.2f} GB" for name in quantizations)
+                 + "".join(f", openjanus {name} {results[f'{name}_weights_gb']:.2f} GB" for name in variants)
                  + ")")
     lines.append("openjanus alone, peak RSS of a fresh process loading for inference: "
                  + ", ".join(f"{name} {gb:.2f} GB" for name, gb in results["load_peak_rss_gb"].items()))

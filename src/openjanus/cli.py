@@ -215,6 +215,8 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     quantization: Annotated[str, typer.Option(help="Also time openjanus with these weights: int8 (default) "
                                                    "or none (skip those rows).")] = "int8",
+    compile: Annotated[bool, typer.Option("--compile", help="Also time openjanus with its compiled decode "
+                                                           "steps.")] = False,
 ) -> None:
     """Speed and memory against the transformers port on identical random weights (needs transformers)."""
     from .bench import format_table, run
@@ -227,7 +229,7 @@ def bench(
     except ImportError:
         fail("the benchmark compares with transformers: pip install transformers")
     typer.echo(format_table(run(size, dtype, repeats=repeats, out=out,
-                             quantizations=(extra,) if extra else ())))
+                             quantizations=(extra,) if extra else (), compile=compile)))
 
 
 def _register_subcommands() -> None:
