@@ -30,6 +30,8 @@ from .model.quant import check_quantization, quantize
 from .weights import load_checkpoint, save_checkpoint
 
 CACHE = Path.home() / ".cache" / "openjanus" / "bench"
+# Special token ids of the benchmark's prompts (random weights: any ids below the prompt range of 10+).
+BOS, BOI, PAD = 1, 2, 3
 
 
 def tiny_config() -> JanusConfig:
@@ -119,6 +121,36 @@ def load_peak_rss_gb(path: Path, dtype: str, quantization: str | None = None) ->
     return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
+def _bench_weights(size: str, dtype: str) -> tuple[JanusConfig, torch.dtype, Path]:
+    """The size's config, the torch dtype, and its random-weight checkpoint (written once)."""
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    config = tiny_config() if size == "tiny" else get_preset(size)
+    return config, torch_dtype, _checkpoint(size, config, torch_dtype)
+
+
+def _load_port(path: Path, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """transformers' JanusForConditionalGeneration on the same checkpoint, set up for image generation."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    port = transformers.JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+    port.generation_config.generation_kwargs = {"boi_token_id": BOI}
+    return port
+
+
+def _image_prompt(config: JanusConfig) -> torch.Tensor:
+    """One fixed 24-token generation prompt (1, 24): BOS, random text, <begin_of_image>."""
+    prompt = torch.randint(10, config.llm.vocab_size - 10, (1, 24), generator=torch.Generator().manual_seed(1))
+    prompt[0, 0], prompt[0, -1] = BOS, BOI
+    return prompt
+
+
+def _write_json(results: dict, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = (1, 4),
         steps: tuple[int, int] = (4, 12), repeats: int = 3, out: Path | None = None,
         quantizations: tuple[str, ...] = ("int8",), compile: bool = False) -> dict:
@@ -134,10 +166,7 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
         if check_quantization(name) is None:
             raise ValueError("quantizations lists quantized variants; 'none' is always measured")
 
-    transformers.logging.set_verbosity_error()
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    config = tiny_config() if size == "tiny" else get_preset(size)
-    path = _checkpoint(size, config, torch_dtype)
+    config, torch_dtype, path = _bench_weights(size, dtype)
     results: dict = {"size": size, "dtype": dtype, "machine": platform.processor() or platform.machine(),
                      "threads": torch.get_num_threads(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "read_bandwidth_gb_s": read_bandwidth()}
@@ -149,24 +178,21 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
     if compile:
         variants["compiled"] = (load_checkpoint(path, dtype=torch_dtype).model.eval(), compile_image_step("cpu"),
                                 compile_text_step("cpu"))
-    port = transformers.JanusForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+    port = _load_port(path, torch_dtype)
     vocab = config.llm.vocab_size
-    bos, boi, pad = 1, 2, 3
-    port.generation_config.generation_kwargs = {"boi_token_id": boi}
-    prompt = torch.randint(10, vocab - 10, (1, 24), generator=torch.Generator().manual_seed(1))
-    prompt[0, 0], prompt[0, -1] = bos, boi
+    prompt = _image_prompt(config)
 
     for batch in batches:
         ids = prompt.repeat(batch, 1)
         mask = torch.ones_like(ids, dtype=torch.bool)
 
         def ours_image(k: int, ids=ids, mask=mask, model=ours, image_step=None):
-            generate_image_tokens(model, ids, mask, pad, 5.0, 1.0, num_tokens=k, image_step=image_step)
+            generate_image_tokens(model, ids, mask, PAD, 5.0, 1.0, num_tokens=k, image_step=image_step)
 
         def port_image(k: int, ids=ids):
             port.model.vision_model.config.num_image_tokens = k
             port.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                          do_sample=True, guidance_scale=5.0, bos_token_id=bos, pad_token_id=pad)
+                          do_sample=True, guidance_scale=5.0, bos_token_id=BOS, pad_token_id=PAD)
 
         with torch.inference_mode():
             ours_step = _per_step(ours_image, *steps, repeats)
@@ -202,7 +228,7 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
 
     def port_decode(k: int):
         port.generate(input_ids=text_ids, attention_mask=torch.ones_like(text_ids), max_new_tokens=k,
-                      min_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=pad)
+                      min_new_tokens=k, do_sample=False, eos_token_id=None, pad_token_id=PAD)
 
     with torch.inference_mode():
         ours_tok = _per_step(ours_decode, *steps, repeats)
@@ -225,9 +251,7 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
     results["variants"] = list(variants)
     for name, (model, _, _) in variants.items():
         results[f"{name}_weights_gb"] = _weights_gb(model)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+    _write_json(results, out)
     return results
 
 
@@ -248,28 +272,21 @@ def run_images(size: str = "tiny", device: str = "cuda", dtype: str = "bfloat16"
     """
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     device = torch.device(device)
-    config = tiny_config() if size == "tiny" else get_preset(size)
-    path = _checkpoint(size, config, torch_dtype)
+    config, torch_dtype, path = _bench_weights(size, dtype)
     ours = load_checkpoint(path, device=device, dtype=torch_dtype).model.eval()
-    port = transformers.JanusForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    bos, boi, pad = 1, 2, 3
-    port.generation_config.generation_kwargs = {"boi_token_id": boi}
-    prompt = torch.randint(10, config.llm.vocab_size - 10, (1, 24), generator=torch.Generator().manual_seed(1))
-    prompt[0, 0], prompt[0, -1] = bos, boi
-    ids = prompt.repeat(images, 1).to(device)
+    port = _load_port(path, torch_dtype, device)
+    ids = _image_prompt(config).repeat(images, 1).to(device)
     mask = torch.ones_like(ids, dtype=torch.bool)
     step = compile_image_step(device)
 
     def ours_images(image_step=None):
-        codes = generate_image_tokens(ours, ids, mask, pad, 5.0, 1.0, image_step=image_step)
+        codes = generate_image_tokens(ours, ids, mask, PAD, 5.0, 1.0, image_step=image_step)
         ours.decode_image_tokens(codes)
 
     def port_images():
         codes = port.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_mode="image",
-                              do_sample=True, guidance_scale=5.0, bos_token_id=bos, pad_token_id=pad)
+                              do_sample=True, guidance_scale=5.0, bos_token_id=BOS, pad_token_id=PAD)
         port.decode_image_tokens(codes)
 
     systems = {"openjanus": _synchronized(device, ours_images),
@@ -289,9 +306,7 @@ def run_images(size: str = "tiny", device: str = "cuda", dtype: str = "bfloat16"
                "speedup": {name: best["port"] / best[name] for name in ("openjanus", "openjanus_compiled")}}
     if device.type == "cuda":
         results["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+    _write_json(results, out)
     return results
 
 
