@@ -58,6 +58,17 @@ def test_convert_and_info(tmp_path, tiny_model_dir):
     assert json.loads(preset.output)["total"] == 2_089_297_547
 
 
+def test_convert_keeps_named_components_in_float32(tmp_path, tiny_model_dir):
+    from openjanus.weights import iter_tensors
+
+    result = _run("convert", tiny_model_dir, tmp_path / "mixed", "--dtype", "bfloat16",
+                  "--keep-float32", "gen_vision_model")
+    assert result.exit_code == 0, result.output
+    dtypes = {key: str(t.dtype) for key, t in iter_tensors(tmp_path / "mixed") if t.is_floating_point()}
+    assert {d for k, d in dtypes.items() if k.startswith("gen_vision_model.")} == {"torch.float32"}
+    assert {d for k, d in dtypes.items() if not k.startswith("gen_vision_model.")} == {"torch.bfloat16"}
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "a circle", "--model", "/nonexistent/dir"], "does not exist"),
     (["generate", "", "--model", "{model}"], "prompt is empty"),
@@ -67,6 +78,7 @@ def test_convert_and_info(tmp_path, tiny_model_dir):
     (["ask", "{notimage}", "What?", "--model", "{model}"], "not a recognised image"),
     (["ask", "/no/such.png", "What?", "--model", "{model}"], "not found"),
     (["convert", "{model}", "{out}", "--to", "onnx"], "--to must be one of"),
+    (["convert", "{model}", "{out}", "--keep-float32", "vq"], "unknown component vq"),
     (["info", "--preset", "gpt-9"], "unknown preset"),
 ])
 def test_errors_are_one_line(tmp_path, tiny_model_dir, args, message):

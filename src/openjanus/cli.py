@@ -143,16 +143,27 @@ def convert(
     dst: Annotated[Path, typer.Argument(help="Output directory.")],
     to: Annotated[str, typer.Option("--to", help="openjanus, official or hf")] = "openjanus",
     dtype: DtypeOption = None,
+    keep_float32: Annotated[list[str] | None, typer.Option(
+        "--keep-float32", help="Keep this component in float32 whatever --dtype says (repeatable), e.g. "
+                               "gen_vision_model: a VQ cast to bf16 encodes images to different codes.")] = None,
 ) -> None:
     """Convert a checkpoint between the openjanus, official and transformers layouts (safetensors)."""
+    import torch
+
     from .processing.tokenizer import JanusTokenizer
-    from .weights import LAYOUTS, load_checkpoint, save_checkpoint
+    from .weights import LAYOUTS, load_checkpoint, resolve_dtype, save_checkpoint
 
     if to not in LAYOUTS:
         fail(f"--to must be one of {', '.join(LAYOUTS)}")
     if dst.resolve() == src.resolve():
         fail("destination must differ from the source")
-    checkpoint = load_checkpoint(src, device="cpu", dtype=dtype)
+    checkpoint = load_checkpoint(src, device="cpu")
+    components = dict(checkpoint.model.named_children())
+    if unknown := sorted(set(keep_float32 or ()) - set(components)):
+        fail(f"--keep-float32: unknown component {', '.join(unknown)}; the model has {', '.join(components)}")
+    if target := resolve_dtype(dtype):
+        for name, component in components.items():
+            component.to(torch.float32 if name in (keep_float32 or ()) else target)
     tokenizer = JanusTokenizer.from_file(src / "tokenizer.json")
     save_checkpoint(checkpoint.model, dst, to, tokenizer_file=src / "tokenizer.json",
                     image_token_id=tokenizer.image_id)
