@@ -158,12 +158,13 @@ def convert(
     if dst.resolve() == src.resolve():
         fail("destination must differ from the source")
     checkpoint = load_checkpoint(src, device="cpu")
-    components = dict(checkpoint.model.named_children())
-    if unknown := sorted(set(keep_float32 or ()) - set(components)):
+    components, keep = dict(checkpoint.model.named_children()), set(keep_float32 or ())
+    if unknown := sorted(keep - set(components)):
         fail(f"--keep-float32: unknown component {', '.join(unknown)}; the model has {', '.join(components)}")
-    if target := resolve_dtype(dtype):
-        for name, component in components.items():
-            component.to(torch.float32 if name in (keep_float32 or ()) else target)
+    target = resolve_dtype(dtype)
+    for name, component in components.items():
+        if name in keep or target:
+            component.to(torch.float32 if name in keep else target)
     tokenizer = JanusTokenizer.from_file(src / "tokenizer.json")
     save_checkpoint(checkpoint.model, dst, to, tokenizer_file=src / "tokenizer.json",
                     image_token_id=tokenizer.image_id)
