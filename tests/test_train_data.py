@@ -173,3 +173,36 @@ def test_jsonl_files_give_conversations_pairs_and_text(tmp_path):
     assert len(data) == 3 and sorted(type(data[i]).__name__ for i in range(3, 6)) == kinds  # the next pass
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         JsonlDataset(tmp_path / "missing.jsonl")
+
+
+def test_fp32_image_codes_encode_generation_targets_outside_bf16_autocast(tokenizer):
+    from openjanus.config import ConfigError
+    from openjanus.model import JanusModel
+    from openjanus.train.config import recipe_from_dict
+    from openjanus.train.distributed import DistributedContext
+    from openjanus.train.janus import JanusObjective, JanusTask
+
+    recipe = recipe_from_dict({"name": "codes", "model": {
+        "llm": {"num_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "num_kv_heads": 2},
+        "vision": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "heads": 2},
+        "vq": {"ch": 32, "codebook_size": 1024, "codebook_embed_dim": 8}},
+        "stages": [{"name": "s", "task": "janus", "steps": 1, "batch_size": 1, "model": {"init": "scratch", "train": ["gen_head"]},
+        "loss": {"fp32_image_codes": True}}]})
+    torch.manual_seed(0)
+    model = JanusModel(recipe.janus_config()).eval()
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in range(4)]
+    samples = [encode_generation(tokenizer, FMT, GenerationExample("a photo of a circle", image)) for image in images]
+    batch = collate(samples, tokenizer.pad_id, tokenizer.image_id, image_size=64, num_image_tokens=16)
+    with torch.no_grad():
+        fp32_codes = model.gen_vision_model.encode(batch.generation_pixels)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, default_codes = JanusObjective(model, {}).input_embeddings(batch)
+        _, option_codes = JanusObjective(model, {}, fp32_image_codes=True).input_embeddings(batch)
+    assert torch.equal(option_codes, fp32_codes)
+    assert not torch.equal(default_codes, fp32_codes)  # bf16 encoding does flip codes: the option matters
+
+    # FSDP would gather the VQ in bf16: the stage is refused with a clear error, not run in bf16.
+    task = JanusTask(recipe.stages[0], model, tokenizer, DistributedContext(world_size=2))
+    with pytest.raises(ConfigError, match="fp32_image_codes.*use ddp"):
+        task.on_device(torch.device("cpu"), "fsdp")
+    task.on_device(torch.device("cpu"), "ddp")

@@ -135,6 +135,7 @@ class LossSection:
     temperature_init: float = 10.0  # encoder: t = exp(t'), t' initialised at log(temperature_init)
     bias_init: float = -10.0  # encoder: b
     kind_weights: dict[str, float] = field(default_factory=dict)  # janus: per-kind token weights (default 1)
+    fp32_image_codes: bool = False  # janus: encode generation targets in float32, not under the stage's bf16
 
 
 @dataclass
@@ -198,7 +199,7 @@ class RecipeConfig:
 
 
 # Keys added after runs existed, left out of the fingerprint at these defaults so that older checkpoints resume.
-_LATER_KEYS = {"model": {"lora": None}, "data": {"image_root": ""}}
+_LATER_KEYS = {"model": {"lora": None}, "data": {"image_root": ""}, "loss": {"fp32_image_codes": False}}
 
 
 def training_fields(stage: StageConfig) -> dict[str, Any]:

@@ -12,12 +12,14 @@ forced: codes of the frozen VQ model enter through `embed_image_tokens`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 from ..data.files import JsonlDataset
 from ..data.mixture import Mixture
 from ..data.sequences import (
@@ -46,9 +48,10 @@ from .tasks import LossOutput, Task, transformer_activation_bytes
 class JanusObjective(nn.Module):
     """Mixed-batch next-token loss of a JanusModel."""
 
-    def __init__(self, model: JanusModel, kind_weights: dict[str, float]):
+    def __init__(self, model: JanusModel, kind_weights: dict[str, float], fp32_image_codes: bool = False):
         super().__init__()
         self.model = model
+        self.fp32_image_codes = fp32_image_codes
         self.register_buffer("kind_weights", torch.tensor([kind_weights.get(k, 1.0) for k in KINDS]),
                              persistent=False)
 
@@ -63,9 +66,13 @@ class JanusObjective(nn.Module):
         # Cast explicitly: under autocast the features come out in bf16 while embeddings stay fp32.
         features = model.embed_images(batch.pixel_values).reshape(-1, embeds.shape[-1])
         embeds = embeds.masked_scatter(batch.image_mask[..., None], features.to(embeds.dtype))
-        # Encoding runs under the stage's precision (bf16 halves its cost on CPUs); only training sees these codes.
-        with torch.no_grad():
-            codes = model.gen_vision_model.encode(batch.generation_pixels)[1]
+        # By default encoding runs under the stage's precision (bf16 halves its cost on CPUs), but bf16
+        # codes are less stable than float32 ones: small VQs flip many codes between the two.
+        pixels = batch.generation_pixels
+        precision = (torch.autocast(pixels.device.type, enabled=False) if self.fp32_image_codes
+                     else contextlib.nullcontext())
+        with torch.no_grad(), precision:
+            codes = model.gen_vision_model.encode(pixels)[1]
         code_embeds = model.embed_image_tokens(codes[:, :-1]).reshape(-1, embeds.shape[-1])
         embeds = embeds.masked_scatter(batch.code_input_mask[..., None], code_embeds.to(embeds.dtype))
         return embeds, codes
@@ -93,7 +100,7 @@ class JanusTask(Task):
 
     def __init__(self, stage, model, tokenizer, context):
         super().__init__(stage, model, tokenizer, context)
-        self.objective = JanusObjective(model, stage.loss.kind_weights)
+        self.objective = JanusObjective(model, stage.loss.kind_weights, stage.loss.fp32_image_codes)
         self.chat_format = chat_format_for(model.config.sft_format)
         self.mixture = Mixture(stage.data.ratios, stage.batch_size, stage.data.seed)
         self.sources = {split: self.make_sources(split) for split in ("train", "validation")}
@@ -113,6 +120,12 @@ class JanusTask(Task):
             else:
                 sources[kind] = ShapesText(data.seed, data.text_style, split)
         return sources
+
+    def on_device(self, device: torch.device, strategy: str) -> None:
+        if self.stage.loss.fp32_image_codes and strategy == "fsdp" and self.context.enabled:
+            # FSDP gathers the frozen VQ in the stage's precision, so float32 encoding would need a copy.
+            raise ConfigError(f"stage {self.stage.name}: loss.fp32_image_codes needs the VQ's float32 weights: "
+                              "use ddp, not fsdp")
 
     def on_start(self) -> None:
         """Optionally start gen_embed from the l2-normalised VQ codebook (the reference's advice)."""
