@@ -186,8 +186,8 @@ def test_fp32_image_codes_encode_generation_targets_outside_bf16_autocast(tokeni
         "llm": {"num_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "num_kv_heads": 2},
         "vision": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "heads": 2},
         "vq": {"ch": 32, "codebook_size": 1024, "codebook_embed_dim": 8}},
-        "stages": [{"name": "s", "task": "janus", "steps": 1, "batch_size": 1, "model": {"init": "scratch", "train": ["gen_head"]},
-        "loss": {"fp32_image_codes": True}}]})
+        "stages": [{"name": "s", "task": "janus", "steps": 1, "batch_size": 1,
+                    "model": {"init": "scratch", "train": ["gen_head"]}, "loss": {"fp32_image_codes": True}}]})
     torch.manual_seed(0)
     model = JanusModel(recipe.janus_config()).eval()
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in range(4)]
