@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
 from ..data.files import JsonlDataset
 from ..data.mixture import Mixture
 from ..data.sequences import (
@@ -122,10 +121,9 @@ class JanusTask(Task):
         return sources
 
     def on_device(self, device: torch.device, strategy: str) -> None:
-        if self.stage.loss.fp32_image_codes and strategy == "fsdp" and self.context.enabled:
+        if self.stage.loss.fp32_image_codes:
             # FSDP gathers the frozen VQ in the stage's precision, so float32 encoding would need a copy.
-            raise ConfigError(f"stage {self.stage.name}: loss.fp32_image_codes needs the VQ's float32 weights: "
-                              "use ddp, not fsdp")
+            self.refuse_fsdp(strategy, "loss.fp32_image_codes needs the VQ's float32 weights")
 
     def on_start(self) -> None:
         """Optionally start gen_embed from the l2-normalised VQ codebook (the reference's advice)."""

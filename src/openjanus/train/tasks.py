@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..model import JanusModel
 from ..model.llm import DecoderLayer
 from ..model.vision import VitBlock
@@ -85,6 +86,11 @@ class Task:
 
     def on_device(self, device: torch.device, strategy: str) -> None:
         """Move and wrap what the task keeps outside the objective (called once the objective is placed)."""
+
+    def refuse_fsdp(self, strategy: str, needs: str) -> None:
+        """A clear error for a setting that multi-process FSDP cannot honour (`needs` says why)."""
+        if strategy == "fsdp" and self.context.enabled:
+            raise ConfigError(f"stage {self.stage.name}: {needs}: use ddp, not fsdp")
 
     def after_step(self, step: int, outputs: list[Any]) -> dict[str, float]:
         """Work after the optimizer step (e.g. a discriminator update); returns extra metrics."""

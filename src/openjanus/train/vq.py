@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..config import ConfigError
 from ..data.shapes import ShapesImages, example_rng, render_scene
 from ..processing.image import preprocess_image, tensor_to_pil
 from ..worlds import shapes as world
@@ -148,8 +147,8 @@ class VQTask(Task):
     def on_device(self, device: torch.device, strategy: str) -> None:
         """Move and wrap the discriminator and build its optimizer (LlamaGen: Adam with the stage's settings)."""
         restarts = self.stage.loss.codebook_restart_every or self.stage.loss.quantize_start_step
-        if restarts and strategy == "fsdp" and self.context.enabled:
-            raise ConfigError(f"stage {self.stage.name}: codebook restarts need whole codebooks: use ddp, not fsdp")
+        if restarts:
+            self.refuse_fsdp(strategy, "codebook restarts need whole codebooks")
         if self.discriminator is None:
             return
         self.discriminator.to(device)
