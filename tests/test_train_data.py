@@ -206,3 +206,23 @@ def test_fp32_image_codes_encode_generation_targets_outside_bf16_autocast(tokeni
     with pytest.raises(ConfigError, match="fp32_image_codes.*use ddp"):
         task.on_device(torch.device("cpu"), "fsdp")
     task.on_device(torch.device("cpu"), "ddp")
+
+
+@pytest.mark.parametrize("loss", [{"codebook_restart_every": 5}, {"quantize_start_step": 3}])
+def test_vq_codebook_restarts_are_refused_under_fsdp(tokenizer, loss):
+    from openjanus.config import ConfigError
+    from openjanus.model import JanusModel
+    from openjanus.train.config import recipe_from_dict
+    from openjanus.train.distributed import DistributedContext
+    from openjanus.train.vq import VQTask
+
+    recipe = recipe_from_dict({"name": "restarts", "model": {
+        "llm": {"num_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "num_kv_heads": 2},
+        "vision": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "heads": 2},
+        "vq": {"ch": 32, "codebook_size": 64, "codebook_embed_dim": 8}},
+        "stages": [{"name": "vq", "task": "vq", "steps": 1, "batch_size": 1,
+                    "model": {"init": "scratch", "train": ["gen_vision_model"]}, "loss": loss}]})
+    task = VQTask(recipe.stages[0], JanusModel(recipe.janus_config()), tokenizer, DistributedContext(world_size=2))
+    with pytest.raises(ConfigError, match="codebook restarts need whole codebooks: use ddp"):
+        task.on_device(torch.device("cpu"), "fsdp")
+    task.on_device(torch.device("cpu"), "ddp")
