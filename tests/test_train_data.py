@@ -175,19 +175,24 @@ def test_jsonl_files_give_conversations_pairs_and_text(tmp_path):
         JsonlDataset(tmp_path / "missing.jsonl")
 
 
+def one_stage_recipe(stage: dict):
+    """A recipe of one stage on a model small enough to build in a test (64 px images, 16 image tokens)."""
+    from openjanus.train.config import recipe_from_dict
+
+    return recipe_from_dict({"name": "tiny", "model": {
+        "llm": {"num_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "num_kv_heads": 2},
+        "vision": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "heads": 2},
+        "vq": {"ch": 32, "codebook_size": 1024, "codebook_embed_dim": 8}}, "stages": [stage]})
+
+
 def test_fp32_image_codes_encode_generation_targets_outside_bf16_autocast(tokenizer):
     from openjanus.config import ConfigError
     from openjanus.model import JanusModel
-    from openjanus.train.config import recipe_from_dict
     from openjanus.train.distributed import DistributedContext
     from openjanus.train.janus import JanusObjective, JanusTask
 
-    recipe = recipe_from_dict({"name": "codes", "model": {
-        "llm": {"num_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "num_kv_heads": 2},
-        "vision": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "heads": 2},
-        "vq": {"ch": 32, "codebook_size": 1024, "codebook_embed_dim": 8}},
-        "stages": [{"name": "s", "task": "janus", "steps": 1, "batch_size": 1,
-                    "model": {"init": "scratch", "train": ["gen_head"]}, "loss": {"fp32_image_codes": True}}]})
+    recipe = one_stage_recipe({"name": "s", "task": "janus", "steps": 1, "batch_size": 1,
+                               "model": {"init": "scratch", "train": ["gen_head"]}, "loss": {"fp32_image_codes": True}})
     torch.manual_seed(0)
     model = JanusModel(recipe.janus_config()).eval()
     images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)) for i in range(4)]
@@ -212,16 +217,11 @@ def test_fp32_image_codes_encode_generation_targets_outside_bf16_autocast(tokeni
 def test_vq_codebook_restarts_are_refused_under_fsdp(tokenizer, loss):
     from openjanus.config import ConfigError
     from openjanus.model import JanusModel
-    from openjanus.train.config import recipe_from_dict
     from openjanus.train.distributed import DistributedContext
     from openjanus.train.vq import VQTask
 
-    recipe = recipe_from_dict({"name": "restarts", "model": {
-        "llm": {"num_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "num_kv_heads": 2},
-        "vision": {"image_size": 64, "patch_size": 16, "width": 32, "layers": 1, "heads": 2},
-        "vq": {"ch": 32, "codebook_size": 64, "codebook_embed_dim": 8}},
-        "stages": [{"name": "vq", "task": "vq", "steps": 1, "batch_size": 1,
-                    "model": {"init": "scratch", "train": ["gen_vision_model"]}, "loss": loss}]})
+    recipe = one_stage_recipe({"name": "vq", "task": "vq", "steps": 1, "batch_size": 1,
+                               "model": {"init": "scratch", "train": ["gen_vision_model"]}, "loss": loss})
     task = VQTask(recipe.stages[0], JanusModel(recipe.janus_config()), tokenizer, DistributedContext(world_size=2))
     with pytest.raises(ConfigError, match="codebook restarts need whole codebooks: use ddp"):
         task.on_device(torch.device("cpu"), "fsdp")
