@@ -56,6 +56,7 @@ class JanusObjective(nn.Module):
         self.model = model
         self.fp32_image_codes = fp32_image_codes
         self.canonical_background = tuple(canonical_background)
+        self.canvas: tuple[torch.Tensor, torch.Tensor] | None = None  # pixels and codes, on first use
         self.register_buffer("kind_weights", torch.tensor([kind_weights.get(k, 1.0) for k in KINDS]),
                              persistent=False)
 
@@ -91,12 +92,15 @@ class JanusObjective(nn.Module):
         Next to an object that choice carries the object's edge (the decoder needs it), but with only
         background in the 3 x 3 patches around, replacing it by the empty canvas's code at the same
         position keeps the tokenizer ceiling (0.983 against 1.0 on 120 scenes), so the LLM need not
-        model it. The canvas is encoded on its own, so every batch gets the same codes.
+        model it. The canvas is encoded on its own, so every batch gets the same codes; once, since
+        Janus stages never train the VQ (every process makes this first call in its first micro-batch).
         """
         grid, size = math.isqrt(codes.shape[1]), pixels.shape[-1]
-        canvas = preprocess_image(Image.new("RGB", (size, size), self.canonical_background), size)[None]
-        canvas = canvas.to(pixels.device, pixels.dtype)
-        canvas_codes = self.model.gen_vision_model.encode(canvas)[1]
+        if self.canvas is None:
+            canvas = preprocess_image(Image.new("RGB", (size, size), self.canonical_background), size)[None]
+            canvas = canvas.to(pixels.device, pixels.dtype)
+            self.canvas = (canvas, self.model.gen_vision_model.encode(canvas)[1])
+        canvas, canvas_codes = self.canvas
         # A patch is background when every pixel is within half a grey level of the colour.
         off = (pixels - canvas).abs().amax(1) > 1 / 255
         patch_off = off.reshape(len(pixels), grid, off.shape[1] // grid, grid, off.shape[2] // grid).any(4).any(2)
