@@ -185,30 +185,6 @@ def one_stage_recipe(stage: dict):
         "vq": {"ch": 32, "codebook_size": 1024, "codebook_embed_dim": 8}}, "stages": [stage]})
 
 
-def test_canonical_background_replaces_only_codes_with_background_all_around(tokenizer):
-    from openjanus.model import JanusModel
-    from openjanus.train.janus import JanusObjective
-
-    recipe = one_stage_recipe({"name": "s", "task": "janus", "steps": 1, "batch_size": 1,
-                               "model": {"init": "scratch", "train": ["gen_head"]}})
-    torch.manual_seed(0)
-    model = JanusModel(recipe.janus_config()).eval()
-    scene = np.full((64, 64, 3), 128, dtype=np.uint8)
-    scene[2:14, 3:12] = (220, 40, 40)  # an object inside the top-left 16 x 16 patch of the 4 x 4 grid
-    samples = [encode_generation(tokenizer, FMT, GenerationExample("a photo of a square", Image.fromarray(scene)))]
-    batch = collate(samples, tokenizer.pad_id, tokenizer.image_id, image_size=64, num_image_tokens=16)
-    vq = model.gen_vision_model
-    with torch.no_grad():
-        plain = vq.encode(batch.generation_pixels)[1].reshape(4, 4)
-        canvas = vq.encode(torch.full((1, 3, 64, 64), 128 / 127.5 - 1))[1].reshape(4, 4)
-        _, codes = JanusObjective(model, {}, canonical_background=(128, 128, 128)).input_embeddings(batch)
-    codes = codes.reshape(4, 4)
-    near = torch.zeros(4, 4, dtype=torch.bool)
-    near[:2, :2] = True  # the object's patch and its neighbours keep their codes
-    assert torch.equal(codes[near], plain[near]) and torch.equal(codes[~near], canvas[~near])
-    assert not torch.equal(plain[~near], canvas[~near])  # the object did move far codes: the option matters
-
-
 def test_fp32_image_codes_encode_generation_targets_outside_bf16_autocast(tokenizer):
     from openjanus.config import ConfigError
     from openjanus.model import JanusModel

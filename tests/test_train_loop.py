@@ -249,8 +249,6 @@ def test_learning_rate_schedules():
     (lambda r: r["stages"][3]["model"]["train"].append("gen_vision_model"), "cannot be trained by a janus stage"),
     (lambda r: r["model"]["llm"].update(hidden_size="wide"), r"llm\.hidden_size"),
     (lambda r: r["stages"][0].pop("batch_size"), r"'stages\[0\]\.batch_size' is required"),
-    (lambda r: r["stages"][4].setdefault("loss", {}).update(canonical_background=[128, 128]),
-     r"stages\[4\] \(stage2\)\.loss\.canonical_background must be three numbers"),
 ])
 def test_invalid_configs_name_the_key(edit, message):
     recipe = tiny_recipe()

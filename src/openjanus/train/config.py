@@ -136,9 +136,6 @@ class LossSection:
     bias_init: float = -10.0  # encoder: b
     kind_weights: dict[str, float] = field(default_factory=dict)  # janus: per-kind token weights (default 1)
     fp32_image_codes: bool = False  # janus: encode generation targets in float32, not under the stage's bf16
-    # janus: an RGB background colour; codes of background patches with only background around them become
-    # the codes of an empty canvas of that colour (see JanusObjective.canonical_background)
-    canonical_background: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -202,8 +199,7 @@ class RecipeConfig:
 
 
 # Keys added after runs existed, left out of the fingerprint at these defaults so that older checkpoints resume.
-_LATER_KEYS = {"model": {"lora": None}, "data": {"image_root": ""},
-               "loss": {"fp32_image_codes": False, "canonical_background": []}}
+_LATER_KEYS = {"model": {"lora": None}, "data": {"image_root": ""}, "loss": {"fp32_image_codes": False}}
 
 
 def training_fields(stage: StageConfig) -> dict[str, Any]:
@@ -329,9 +325,6 @@ def _validate_stage(stage: StageConfig, index: int, where: str) -> None:
     _require(loss.temperature_init > 0, f"{where}.loss.temperature_init must be > 0")
     _require(min(loss.codebook_restart_every, loss.quantize_start_step) >= 0,
              f"{where}.loss: codebook_restart_every and quantize_start_step must be >= 0")
-    _require(not loss.canonical_background or (len(loss.canonical_background) == 3
-                                               and all(0 <= c <= 255 for c in loss.canonical_background)),
-             f"{where}.loss.canonical_background must be three numbers in [0, 255] (an RGB colour) or empty")
     for kind in loss.kind_weights:
         _require(kind in MIXTURE_KINDS, f"unknown config key '{where}.loss.kind_weights.{kind}'")
     for key, value in stage.runtime.items():

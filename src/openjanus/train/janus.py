@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from ..data.files import JsonlDataset
@@ -43,20 +41,16 @@ from ..data.shapes import (
 )
 from ..model import JanusModel
 from ..processing.chat import chat_format_for
-from ..processing.image import preprocess_image
 from .tasks import LossOutput, Task, transformer_activation_bytes
 
 
 class JanusObjective(nn.Module):
     """Mixed-batch next-token loss of a JanusModel."""
 
-    def __init__(self, model: JanusModel, kind_weights: dict[str, float], fp32_image_codes: bool = False,
-                 canonical_background: Sequence[int] = ()):
+    def __init__(self, model: JanusModel, kind_weights: dict[str, float], fp32_image_codes: bool = False):
         super().__init__()
         self.model = model
         self.fp32_image_codes = fp32_image_codes
-        self.canonical_background = tuple(canonical_background)
-        self.canvas: tuple[torch.Tensor, torch.Tensor] | None = None  # pixels and codes, on first use
         self.register_buffer("kind_weights", torch.tensor([kind_weights.get(k, 1.0) for k in KINDS]),
                              persistent=False)
 
@@ -78,34 +72,9 @@ class JanusObjective(nn.Module):
                      else contextlib.nullcontext())
         with torch.no_grad(), precision:
             codes = model.gen_vision_model.encode(pixels)[1]
-            if self.canonical_background:
-                codes = self.with_canonical_background(pixels, codes)
         code_embeds = model.embed_image_tokens(codes[:, :-1]).reshape(-1, embeds.shape[-1])
         embeds = embeds.masked_scatter(batch.code_input_mask[..., None], code_embeds.to(embeds.dtype))
         return embeds, codes
-
-    def with_canonical_background(self, pixels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Codes of background patches with only background around them, replaced by an empty canvas's codes.
-
-        A small VQ's codes are not local: on shapes-tiny's VQ, flat background encodes to hundreds of
-        codes depending on the rest of the scene, and those positions carried 63% of the generation loss.
-        Next to an object that choice carries the object's edge (the decoder needs it), but with only
-        background in the 3 x 3 patches around, replacing it by the empty canvas's code at the same
-        position keeps the tokenizer ceiling (0.983 against 1.0 on 120 scenes), so the LLM need not
-        model it. The canvas is encoded on its own, so every batch gets the same codes; once, since
-        Janus stages never train the VQ (every process makes this first call in its first micro-batch).
-        """
-        grid, size = math.isqrt(codes.shape[1]), pixels.shape[-1]
-        if self.canvas is None:
-            canvas = preprocess_image(Image.new("RGB", (size, size), self.canonical_background), size)[None]
-            canvas = canvas.to(pixels.device, pixels.dtype)
-            self.canvas = (canvas, self.model.gen_vision_model.encode(canvas)[1])
-        canvas, canvas_codes = self.canvas
-        # A patch is background when every pixel is within half a grey level of the colour.
-        off = (pixels - canvas).abs().amax(1) > 1 / 255
-        patch_off = off.reshape(len(pixels), grid, off.shape[1] // grid, grid, off.shape[2] // grid).any(4).any(2)
-        near_object = F.max_pool2d(patch_off[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
-        return torch.where(near_object.reshape(codes.shape), codes, canvas_codes)
 
     def forward(self, batch: JanusBatch) -> LossOutput:
         embeds, codes = self.input_embeddings(batch)
@@ -130,8 +99,7 @@ class JanusTask(Task):
 
     def __init__(self, stage, model, tokenizer, context):
         super().__init__(stage, model, tokenizer, context)
-        self.objective = JanusObjective(model, stage.loss.kind_weights, stage.loss.fp32_image_codes,
-                                        stage.loss.canonical_background)
+        self.objective = JanusObjective(model, stage.loss.kind_weights, stage.loss.fp32_image_codes)
         self.chat_format = chat_format_for(model.config.sft_format)
         self.mixture = Mixture(stage.data.ratios, stage.batch_size, stage.data.seed)
         self.sources = {split: self.make_sources(split) for split in ("train", "validation")}
