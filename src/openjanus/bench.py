@@ -9,7 +9,9 @@ with `compile`, with its compiled decode steps.
 
 from __future__ import annotations
 
+import functools
 import gc
+import inspect
 import json
 import platform
 import resource
@@ -45,10 +47,19 @@ def tiny_config() -> JanusConfig:
     return config.validate()
 
 
-def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5) -> float:
-    """Best-of read bandwidth in GB/s from summing a large float32 tensor."""
-    x = torch.ones(int(gigabytes * 1e9 / 4))
-    best = min(_timed(lambda: x.sum()) for _ in range(repeats))
+def _synchronized(device: torch.device, fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return run
+
+
+def read_bandwidth(gigabytes: float = 1.0, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """Best-of read bandwidth in GB/s from summing a large float32 tensor on `device`."""
+    device = torch.device(device)
+    x = torch.ones(int(gigabytes * 1e9 / 4), device=device)
+    best = min(_timed(_synchronized(device, x.sum)) for _ in range(repeats + 1))
     return x.numel() * 4 / best / 1e9
 
 
@@ -135,6 +146,19 @@ def _load_port(path: Path, dtype: torch.dtype, device: torch.device | str = "cpu
     transformers.logging.set_verbosity_error()
     port = transformers.JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
     port.generation_config.generation_kwargs = {"boi_token_id": BOI}
+    return fix_port_image_generation(port)
+
+
+def fix_port_image_generation(port):
+    """Let the port generate images under transformers versions whose cache helper gained an argument.
+
+    In some 5.x releases (5.17 seen) `GenerationMixin._prepare_static_cache` requires `prefill_chunk_size`,
+    which Janus's image `generate` does not pass (a TypeError); other callers pass None. Returns `port`.
+    """
+    prepare = port._prepare_static_cache
+    needed = inspect.signature(prepare).parameters.get("prefill_chunk_size")
+    if needed is not None and needed.default is inspect.Parameter.empty:
+        port._prepare_static_cache = functools.partial(prepare, prefill_chunk_size=None)
     return port
 
 
@@ -255,14 +279,6 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
     return results
 
 
-def _synchronized(device: torch.device, fn: Callable[[], object]) -> Callable[[], object]:
-    def run() -> None:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return run
-
-
 def run_images(size: str = "tiny", device: str = "cuda", dtype: str = "bfloat16", images: int = 16,
                repeats: int = 3, out: Path | None = None) -> dict:
     """Seconds for `images` guided images of one prompt, tokens and VQ decode, as the GPU target states it.
@@ -289,6 +305,11 @@ def run_images(size: str = "tiny", device: str = "cuda", dtype: str = "bfloat16"
                               do_sample=True, guidance_scale=5.0, bos_token_id=BOS, pad_token_id=PAD)
         port.decode_image_tokens(codes)
 
+    def ours_outside_steps():
+        # What both openjanus systems run outside the decode steps: the (eager) prefill and the VQ decode.
+        generate_image_tokens(ours, ids, mask, PAD, 5.0, 1.0, num_tokens=1)
+        ours.decode_image_tokens(torch.zeros(images, config.num_image_tokens, dtype=torch.long, device=device))
+
     systems = {"openjanus": _synchronized(device, ours_images),
                "openjanus_compiled": _synchronized(device, lambda: ours_images(step)),
                "port": _synchronized(device, port_images)}
@@ -299,11 +320,22 @@ def run_images(size: str = "tiny", device: str = "cuda", dtype: str = "bfloat16"
         for _ in range(repeats):
             for name, run in systems.items():
                 best[name] = min(best[name], _timed(run))
+        outside = _synchronized(device, ours_outside_steps)
+        outside()
+        outside_s = min(_timed(outside) for _ in range(repeats))
+    bandwidth = read_bandwidth(2.0 if device.type == "cuda" else 1.0, device=device)
+    tokens = config.num_image_tokens
+    # Bytes of one guided step (2 rows per image) at the mean context of a whole image.
+    step_bytes = _step_bytes(ours, 2 * images, ids.shape[1] + tokens // 2)
+    step_s = {name: max(best[name] - outside_s, 1e-9) / (tokens - 1) for name in ("openjanus", "openjanus_compiled")}
     results = {"size": size, "dtype": dtype, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or platform.machine(), "images": images,
                "image_size": config.image_size, "torch": torch.__version__,
                "transformers": transformers.__version__, "seconds": best,
-               "speedup": {name: best["port"] / best[name] for name in ("openjanus", "openjanus_compiled")}}
+               "speedup": {name: best["port"] / best[name] for name in ("openjanus", "openjanus_compiled")},
+               "read_bandwidth_gb_s": bandwidth, "prefill_and_vq_decode_s": outside_s, "step_bytes": step_bytes,
+               "step_s": step_s,
+               "bandwidth_fraction": {name: step_bytes / s / 1e9 / bandwidth for name, s in step_s.items()}}
     if device.type == "cuda":
         results["peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     _write_json(results, out)
@@ -313,11 +345,16 @@ def run_images(size: str = "tiny", device: str = "cuda", dtype: str = "bfloat16"
 def format_images_table(results: dict) -> str:
     """A plain-text table of a `run_images` result."""
     lines = [f"{results['images']} images at {results['image_size']} px, size {results['size']} {results['dtype']}, "
-             f"{results['device']}, torch {results['torch']}, transformers {results['transformers']}",
-             f"{'system':20s} {'seconds':>9s} {'vs port':>8s}"]
+             f"{results['device']}, torch {results['torch']}, transformers {results['transformers']}, "
+             f"read bandwidth {results['read_bandwidth_gb_s']:.0f} GB/s",
+             f"{'system':20s} {'seconds':>9s} {'vs port':>8s} {'ms/step':>8s} {'of bandwidth':>12s}"]
     for name, seconds in results["seconds"].items():
         ratio = results["speedup"].get(name, 1.0)
-        lines.append(f"{name:20s} {seconds:9.3f} {ratio:7.2f}x")
+        step = f"{results['step_s'][name] * 1e3:8.2f} {results['bandwidth_fraction'][name]:12.0%}" \
+            if name in results["step_s"] else ""
+        lines.append(f"{name:20s} {seconds:9.3f} {ratio:7.2f}x {step}".rstrip())
+    lines.append(f"(steps: the time outside prefill and VQ decode, {results['prefill_and_vq_decode_s']:.3f} s, "
+                 f"over the decode steps; {results['step_bytes'] / 1e9:.2f} GB read per step)")
     return "\n".join(lines)
 
 
