@@ -19,9 +19,12 @@ def test_bench_smoke(tmp_path, monkeypatch):
     assert 0.5 < results["int8_weights_gb"] / results["weights_gb"] < 1  # the vision and VQ models stay bf16
     assert set(results["load_peak_rss_gb"]) == {"none", "int8"} and results["load_peak_rss_gb"]["none"] > 0
     assert 0 < results["text_decode"]["openjanus_bandwidth_gb_s"]
+    prefill = results["understanding_prefill"]
+    assert prefill["prompt_tokens"] == 1 + 64 + 50  # BOS, the tiny ViT's 8 x 8 patches, the text
+    assert prefill["openjanus_tokens_per_s"] > 0 and prefill["int8_speedup"] > 0 and prefill["speedup"] > 0
     table = bench.format_table(results)
     assert "openjanus" in table and "s/image int8" in table and "text decode tokens/s int8" in table
-    assert "text decode tokens/s compiled" in table
+    assert "text decode tokens/s compiled" in table and "understanding prefill tokens/s int8" in table
 
 
 def test_images_bench_smoke(tmp_path, monkeypatch):

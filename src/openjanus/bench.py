@@ -47,6 +47,42 @@ def tiny_config() -> JanusConfig:
     return config.validate()
 
 
+def _understanding_prefill(config: JanusConfig, dtype: torch.dtype, port, models: dict[str, JanusModel],
+                           text_ids: torch.Tensor, repeats: int) -> dict:
+    """Prompt tokens per second of the understanding prefill: one image and `text_ids`, to the first token.
+
+    Each of `models` and the port reads BOS, the image's positions and the text, and picks one token
+    greedily; best of `repeats` after a warm-up. Ratios are against the port.
+    """
+    image_id = config.llm.vocab_size - 1  # the benchmark checkpoint's image token (see _checkpoint)
+    ids = torch.cat([torch.tensor([[BOS]]), torch.full((1, config.vision.num_patches), image_id), text_ids], dim=1)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    size = config.image_size
+    pixels = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(3)) * 2 - 1).to(dtype)
+
+    def ours_prefill(model: JanusModel) -> None:
+        embeds = model.prepare_inputs_embeds(ids, pixels, ids == image_id)
+        next(stream_text(model, embeds, mask, 1, eos_id=-1))
+
+    def port_prefill() -> None:
+        port.generate(input_ids=ids, attention_mask=mask.long(), pixel_values=pixels, max_new_tokens=1,
+                      do_sample=False, pad_token_id=PAD)
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()  # warm-up
+        return min(_timed(fn) for _ in range(repeats))
+
+    with torch.inference_mode():
+        seconds = {name: best(lambda m=model: ours_prefill(m)) for name, model in models.items()}
+        port_s = best(port_prefill)
+    tokens = ids.shape[1]
+    row = {"prompt_tokens": tokens, "port_tokens_per_s": tokens / port_s}
+    for name, s in seconds.items():
+        row[f"{name}_tokens_per_s"] = tokens / s
+        row["speedup" if name == "openjanus" else f"{name.removeprefix('openjanus_')}_speedup"] = port_s / s
+    return row
+
+
 def _synchronized(device: torch.device, fn: Callable[[], object]) -> Callable[[], object]:
     def run() -> None:
         fn()
@@ -270,6 +306,9 @@ def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = 
         text.update({f"openjanus_{name}_tokens_per_s": 1 / tok, f"{name}_speedup": port_tok / tok,
                      f"{name}_vs_openjanus": ours_tok / tok, f"openjanus_{name}_bandwidth_gb_s": gb_s,
                      f"{name}_bandwidth_fraction": gb_s / results["read_bandwidth_gb_s"]})
+    results["understanding_prefill"] = _understanding_prefill(
+        config, torch_dtype, port, {"openjanus": ours, **{f"openjanus_{name}": variants[name][0]
+                                                         for name in quantizations}}, text_ids, repeats)
     results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     results["weights_gb"] = _weights_gb(ours)
     results["variants"] = list(variants)
@@ -386,6 +425,13 @@ def format_table(results: dict) -> str:
                      f"{text['port_tokens_per_s']:12.1f} {text[f'{name}_speedup']:7.2f}x")
         lines.append(f"{f'text decode {name} GB/s (fraction)':34s} {text[f'openjanus_{name}_bandwidth_gb_s']:12.1f} "
                      f"{'':>12s} {text[f'{name}_bandwidth_fraction']:7.0%}")
+    prefill = results["understanding_prefill"]
+    for name in ("", *(n for n in variants if f"openjanus_{n}_tokens_per_s" in prefill)):
+        label = f"understanding prefill tokens/s {name}".rstrip()
+        ours_key, ratio_key = (f"openjanus_{name}_tokens_per_s", f"{name}_speedup") if name else \
+            ("openjanus_tokens_per_s", "speedup")
+        lines.append(f"{label:34s} {prefill[ours_key]:12.1f} {prefill['port_tokens_per_s']:12.1f} "
+                     f"{prefill[ratio_key]:7.2f}x")
     lines.append(f"peak RSS {results['peak_rss_gb']:.2f} GB "
                  f"(all loaded at once; weights {results['weights_gb']:.2f} GB for openjanus and the port"
                  + "".join(f", openjanus {name} {results[f'{name}_weights_gb']:.2f} GB" for name in variants)
