@@ -47,42 +47,6 @@ def tiny_config() -> JanusConfig:
     return config.validate()
 
 
-def _understanding_prefill(config: JanusConfig, dtype: torch.dtype, port, models: dict[str, JanusModel],
-                           text_ids: torch.Tensor, repeats: int) -> dict:
-    """Prompt tokens per second of the understanding prefill: one image and `text_ids`, to the first token.
-
-    Each of `models` and the port reads BOS, the image's positions and the text, and picks one token
-    greedily; best of `repeats` after a warm-up. Ratios are against the port.
-    """
-    image_id = config.llm.vocab_size - 1  # the benchmark checkpoint's image token (see _checkpoint)
-    ids = torch.cat([torch.tensor([[BOS]]), torch.full((1, config.vision.num_patches), image_id), text_ids], dim=1)
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    size = config.image_size
-    pixels = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(3)) * 2 - 1).to(dtype)
-
-    def ours_prefill(model: JanusModel) -> None:
-        embeds = model.prepare_inputs_embeds(ids, pixels, ids == image_id)
-        next(stream_text(model, embeds, mask, 1, eos_id=-1))
-
-    def port_prefill() -> None:
-        port.generate(input_ids=ids, attention_mask=mask.long(), pixel_values=pixels, max_new_tokens=1,
-                      do_sample=False, pad_token_id=PAD)
-
-    def best(fn: Callable[[], object]) -> float:
-        fn()  # warm-up
-        return min(_timed(fn) for _ in range(repeats))
-
-    with torch.inference_mode():
-        seconds = {name: best(lambda m=model: ours_prefill(m)) for name, model in models.items()}
-        port_s = best(port_prefill)
-    tokens = ids.shape[1]
-    row = {"prompt_tokens": tokens, "port_tokens_per_s": tokens / port_s}
-    for name, s in seconds.items():
-        row[f"{name}_tokens_per_s"] = tokens / s
-        row["speedup" if name == "openjanus" else f"{name.removeprefix('openjanus_')}_speedup"] = port_s / s
-    return row
-
-
 def _synchronized(device: torch.device, fn: Callable[[], object]) -> Callable[[], object]:
     def run() -> None:
         fn()
@@ -209,6 +173,42 @@ def _write_json(results: dict, out: Path | None) -> None:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _understanding_prefill(config: JanusConfig, dtype: torch.dtype, port, models: dict[str, JanusModel],
+                           text_ids: torch.Tensor, repeats: int) -> dict:
+    """Prompt tokens per second of the understanding prefill: one image and `text_ids`, to the first token.
+
+    Each of `models` and the port reads BOS, the image's positions and the text, and picks one token
+    greedily; best of `repeats` after a warm-up. Ratios are against the port.
+    """
+    image_id = config.llm.vocab_size - 1  # the benchmark checkpoint's image token (see _checkpoint)
+    ids = torch.cat([torch.tensor([[BOS]]), torch.full((1, config.vision.num_patches), image_id), text_ids], dim=1)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    size = config.image_size
+    pixels = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(3)) * 2 - 1).to(dtype)
+
+    def ours_prefill(model: JanusModel) -> None:
+        embeds = model.prepare_inputs_embeds(ids, pixels, ids == image_id)
+        next(stream_text(model, embeds, mask, 1, eos_id=-1))
+
+    def port_prefill() -> None:
+        port.generate(input_ids=ids, attention_mask=mask.long(), pixel_values=pixels, max_new_tokens=1,
+                      do_sample=False, pad_token_id=PAD)
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()  # warm-up
+        return min(_timed(fn) for _ in range(repeats))
+
+    with torch.inference_mode():
+        seconds = {name: best(lambda m=model: ours_prefill(m)) for name, model in models.items()}
+        port_s = best(port_prefill)
+    tokens = ids.shape[1]
+    row = {"prompt_tokens": tokens, "port_tokens_per_s": tokens / port_s}
+    for name, s in seconds.items():
+        row[f"{name}_tokens_per_s"] = tokens / s
+        row["speedup" if name == "openjanus" else f"{name.removeprefix('openjanus_')}_speedup"] = port_s / s
+    return row
 
 
 def run(size: str = "tiny", dtype: str = "bfloat16", batches: tuple[int, ...] = (1, 4),
