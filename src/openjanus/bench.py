@@ -69,6 +69,12 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def _best_of(fn: Callable[[], object], repeats: int) -> float:
+    """Best time of `repeats` calls after one warm-up call."""
+    fn()
+    return min(_timed(fn) for _ in range(repeats))
+
+
 def _per_step(run: Callable[[int], object], short: int, long: int, repeats: int) -> float:
     """Seconds per step from the best times of a short and a long run."""
     run(short)  # warm-up
@@ -196,13 +202,9 @@ def _understanding_prefill(config: JanusConfig, dtype: torch.dtype, port, models
         port.generate(input_ids=ids, attention_mask=mask.long(), pixel_values=pixels, max_new_tokens=1,
                       do_sample=False, pad_token_id=PAD)
 
-    def best(fn: Callable[[], object]) -> float:
-        fn()  # warm-up
-        return min(_timed(fn) for _ in range(repeats))
-
     with torch.inference_mode():
-        seconds = {name: best(lambda m=model: ours_prefill(m)) for name, model in models.items()}
-        port_s = best(port_prefill)
+        seconds = {name: _best_of(lambda m=model: ours_prefill(m), repeats) for name, model in models.items()}
+        port_s = _best_of(port_prefill, repeats)
     tokens = ids.shape[1]
     row = {"prompt_tokens": tokens, "port_tokens_per_s": tokens / port_s}
     for name, s in seconds.items():
@@ -359,9 +361,7 @@ def run_images(size: str = "tiny", device: str = "cuda", dtype: str = "bfloat16"
         for _ in range(repeats):
             for name, run in systems.items():
                 best[name] = min(best[name], _timed(run))
-        outside = _synchronized(device, ours_outside_steps)
-        outside()
-        outside_s = min(_timed(outside) for _ in range(repeats))
+        outside_s = _best_of(_synchronized(device, ours_outside_steps), repeats)
     bandwidth = read_bandwidth(2.0 if device.type == "cuda" else 1.0, device=device)
     tokens = config.num_image_tokens
     # Bytes of one guided step (2 rows per image) at the mean context of a whole image.
@@ -426,12 +426,12 @@ def format_table(results: dict) -> str:
         lines.append(f"{f'text decode {name} GB/s (fraction)':34s} {text[f'openjanus_{name}_bandwidth_gb_s']:12.1f} "
                      f"{'':>12s} {text[f'{name}_bandwidth_fraction']:7.0%}")
     prefill = results["understanding_prefill"]
-    for name in ("", *(n for n in variants if f"openjanus_{n}_tokens_per_s" in prefill)):
-        label = f"understanding prefill tokens/s {name}".rstrip()
-        ours_key, ratio_key = (f"openjanus_{name}_tokens_per_s", f"{name}_speedup") if name else \
-            ("openjanus_tokens_per_s", "speedup")
-        lines.append(f"{label:34s} {prefill[ours_key]:12.1f} {prefill['port_tokens_per_s']:12.1f} "
-                     f"{prefill[ratio_key]:7.2f}x")
+    prefill_rows = [("", "openjanus_tokens_per_s", "speedup")] + [
+        (f" {name}", f"openjanus_{name}_tokens_per_s", f"{name}_speedup")
+        for name in variants if f"openjanus_{name}_tokens_per_s" in prefill]
+    for suffix, ours_key, ratio_key in prefill_rows:
+        lines.append(f"{'understanding prefill tokens/s' + suffix:34s} {prefill[ours_key]:12.1f} "
+                     f"{prefill['port_tokens_per_s']:12.1f} {prefill[ratio_key]:7.2f}x")
     lines.append(f"peak RSS {results['peak_rss_gb']:.2f} GB "
                  f"(all loaded at once; weights {results['weights_gb']:.2f} GB for openjanus and the port"
                  + "".join(f", openjanus {name} {results[f'{name}_weights_gb']:.2f} GB" for name in variants)
