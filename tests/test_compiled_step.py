@@ -1,11 +1,12 @@
 """The static-shape decode steps (the ones torch.compile and CUDA graphs run) against the plain eager loops."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import randomize, tiny_config
 
 from openjanus.generation import generate_image_tokens, stream_text
-from openjanus.generation.decode import _guided_logits, _prefill, static_image_step, static_text_step
+from openjanus.generation.decode import StaticStep, _guided_logits, _prefill, static_image_step, static_text_step
 from openjanus.model import JanusModel
 from openjanus.pipeline import JanusPipeline
 from openjanus.worlds.shapes import render, sample_scene
@@ -35,24 +36,40 @@ def test_static_step_logits_match_the_dynamic_step():
         expected = _guided_logits(model, model.hidden_states(embeds, positions + step, None, dynamic_cache)[:, -1],
                                   2.0)
         slot = torch.tensor([static_cache.length])
-        got = static_image_step(model, static_cache, previous, positions + step, slot, 2.0)
+        # The whole cache, and only the slots up to this one: masked slots change nothing.
+        for span in (64, static_cache.length + 1):
+            got = static_image_step(model, static_cache, slot, span, previous, positions + step, 2.0)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         static_cache.length += 1
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         previous = expected.argmax(dim=-1)
 
 
-def test_greedy_static_loop_equals_plain_loop():
+def test_static_step_spans():
+    """The slots a step reads: the filled ones and the new one, rounded up to the next of `spans` parts."""
+    model = tiny_model()
+    cache = _prefill(model, model.embed_text(PROMPTS[1:]), MASK[1:], 100, bucket=64)[0]
+    assert cache.max_length == 128 and cache.length == 6
+    whole, quarters = StaticStep(static_image_step), StaticStep(static_image_step, spans=4)
+    for length, expected in ((6, 32), (31, 32), (32, 64), (95, 96), (96, 128), (127, 128)):
+        cache.length = length
+        assert (whole.span(cache), quarters.span(cache)) == (128, expected)
+
+
+@pytest.mark.parametrize("spans", [1, 4])
+def test_greedy_static_loop_equals_plain_loop(spans):
     model = tiny_model()
     plain = generate_image_tokens(model, PROMPTS, MASK, PAD, 3.0, 0)
-    static = generate_image_tokens(model, PROMPTS, MASK, PAD, 3.0, 0, image_step=static_image_step)
+    static = generate_image_tokens(model, PROMPTS, MASK, PAD, 3.0, 0, image_step=StaticStep(static_image_step, spans))
     assert torch.equal(plain, static)
 
 
-def test_greedy_static_text_loop_equals_plain_loop():
+@pytest.mark.parametrize("spans", [1, 4])
+def test_greedy_static_text_loop_equals_plain_loop(spans):
     model = tiny_model()
     embeds = model.embed_text(PROMPTS)
     plain = torch.stack(list(stream_text(model, embeds, MASK, 12, eos_id=-1)))
-    static = torch.stack(list(stream_text(model, embeds, MASK, 12, eos_id=-1, text_step=static_text_step)))
+    static = torch.stack(list(stream_text(model, embeds, MASK, 12, eos_id=-1,
+                                          text_step=StaticStep(static_text_step, spans))))
     assert plain.shape == (12, 3) and torch.equal(plain, static)
 
 

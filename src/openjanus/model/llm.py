@@ -92,7 +92,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0,
                 start: int | torch.Tensor = 0):
         """`start` is the cache slot of the first token; as a tensor (the static decode step) the
-        keys and values are written there and attention spans the whole cache, which `mask` limits."""
+        keys and values are written there and attention reads the cache's first `mask.shape[-1]`
+        slots, which `mask` limits."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -101,7 +102,8 @@ class Attention(nn.Module):
         if isinstance(start, torch.Tensor):
             cache.keys[layer].index_copy_(2, start, k)
             cache.values[layer].index_copy_(2, start, v)
-            k, v = cache.keys[layer], cache.values[layer]
+            span = mask.shape[-1]
+            k, v = cache.keys[layer][:, :, :span], cache.values[layer][:, :, :span]
         elif cache is not None:
             cache.keys[layer][:, :, start:start + t] = k
             cache.values[layer][:, :, start:start + t] = v
@@ -197,17 +199,18 @@ class LlamaBackbone(nn.Module):
         return self.norm(x)
 
     def decode_step(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, slot: torch.Tensor,
-                    cache: KVCache) -> torch.Tensor:
+                    cache: KVCache, span: int) -> torch.Tensor:
         """Normed hidden states (B, 1, D) of one new token per row, stored at cache slot `slot` (shape (1,)).
 
-        Every shape is fixed by the cache, not by how full it is, so one compiled graph (and one
-        CUDA graph) serves every step. Attention reads the whole cache with the unfilled slots
-        masked, so this costs more than `forward` when run eagerly; `cache.length` is the caller's.
+        Every shape is fixed by the cache and `span` (how many of its first slots attention reads, at
+        least slot + 1), not by how full the cache is, so one compiled graph (and one CUDA graph)
+        serves every step of a span. Attention reads the unfilled slots of the span masked, so this
+        costs more than `forward` when run eagerly; `cache.length` is the caller's.
         """
         cos, sin = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
         cache.key_mask.index_fill_(1, slot, True)
-        key_pos = torch.arange(cache.max_length, device=slot.device)
-        mask = (cache.key_mask & (key_pos <= slot))[:, None, None, :]
+        key_pos = torch.arange(span, device=slot.device)
+        mask = (cache.key_mask[:, :span] & (key_pos <= slot))[:, None, None, :]
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, slot)
