@@ -139,7 +139,10 @@ def _compile_step(step: Callable, device: torch.device | str) -> StaticStep:
         return StaticStep(torch.compile(step, dynamic=False,
                                         options={"freezing": True, "cpp.enable_concat_linear": True}))
     # One graph per span and cache shape; dynamo's default limit of 8 per function would fall back to eager.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # (torch before 2.7 calls the limit cache_size_limit.)
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
     compiled = torch.compile(step, mode="reduce-overhead", dynamic=False)
 
     def replay(*args):
