@@ -20,9 +20,13 @@ QUANTIZATIONS = ("int8",)
 # multiple of 16, and it only wins while decoding: measured single-threaded on AVX-512 with 1B
 # shapes it is 2-4x faster than bf16 F.linear for 1-4 rows, even at 8, and from about 16-32 rows on
 # slower than converting the weight and calling the bf16 kernel, which is what larger inputs get.
-_KERNEL_MAX_ROWS = 16
+# Its float32 path is far slower per row (2026-12-05, 2 threads, AMD EPYC, 1B layer shapes: against
+# converting the weight, 1 row 2.4x faster, 2 rows 1.6x, 8 rows 2.7x slower; on the shipped model, 4
+# guided images of one prompt took twice as long through it), so float32 inputs of more than two
+# rows convert the weight instead. (Rounding them to bf16 for the bf16 kernel would be faster still,
+# but would no longer compute in float32.)
+_KERNEL_MAX_ROWS = {torch.bfloat16: 16, torch.float32: 2}
 _KERNEL_WIDTH_MULTIPLE = 16
-_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 _ROWS_PER_CHUNK = 4096  # bounds the float32 temporaries while quantizing a large head
 
 
@@ -70,7 +74,7 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and 0 < x.shape[0] <= _KERNEL_MAX_ROWS
+        return (x.device.type == "cpu" and 0 < x.shape[0] <= _KERNEL_MAX_ROWS.get(x.dtype, 0)
                 and self.in_features % _KERNEL_WIDTH_MULTIPLE == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
