@@ -39,10 +39,9 @@ class OneDnnDynamicInt8(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features = linear.in_features
-        weight = linear.weight.detach().float()
-        self.weight_scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        codes = (weight / self.weight_scales[:, None]).round().to(torch.int8)
-        self.packed = torch.ops.onednn.qlinear_prepack(codes, [2, linear.in_features])
+        weight_only = Int8Linear.from_linear(linear)  # the same int8 codes and scales as openjanus's int8
+        self.weight_scales = weight_only.scales.float()
+        self.packed = torch.ops.onednn.qlinear_prepack(weight_only.weight, [2, linear.in_features])
         self.zero_points = torch.zeros(linear.out_features, dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,13 +71,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
-    linears = [nn.Linear(n_in, n_out, bias=False) for _ in range(args.copies) for n_out, n_in in LAYER_SHAPES]
-    parameters = sum(linear.weight.numel() for linear in linears)
-    bf16 = [copy.deepcopy(linear).bfloat16() for linear in linears]
+    # Every kernel starts from the same bf16 weights, so the error column compares like with like.
+    bf16 = [nn.Linear(n_in, n_out, bias=False, dtype=torch.bfloat16)
+            for _ in range(args.copies) for n_out, n_in in LAYER_SHAPES]
+    parameters = sum(linear.weight.numel() for linear in bf16)
     with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated
         warnings.simplefilter("ignore")
-        dynamic = [torch.ao.quantization.quantize_dynamic(nn.Sequential(linear), {nn.Linear}, dtype=torch.qint8)[0]
-                   for linear in linears]
+        dynamic = [torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(linear).float()), {nn.Linear},
+                                                          dtype=torch.qint8)[0] for linear in bf16]
     kernels = {  # name: (layers, input dtype, weight bytes per parameter)
         "packed bf16 (openjanus bf16)": ([PackedLinear(linear) for linear in bf16], torch.bfloat16, 2),
         "weight-only int8 (openjanus int8)": ([Int8Linear.from_linear(linear) for linear in bf16], torch.bfloat16, 1),
@@ -86,7 +86,7 @@ def main() -> None:
         "dynamic int8, oneDNN (not used)": ([OneDnnDynamicInt8(linear) for linear in bf16], torch.bfloat16, 1),
     }
     reference = bf16[0].weight.float()  # the error column: layer 0 on 2 rows against float32 arithmetic
-    del linears, bf16
+    del bf16
     bandwidth = read_bandwidth()
     print(f"read bandwidth {bandwidth:.1f} GB/s; {parameters / 1e6:.0f}M parameters per pass; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
