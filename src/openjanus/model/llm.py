@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LLMConfig
+from .kernels import attention
 
 
 class RMSNorm(nn.Module):
@@ -111,9 +112,9 @@ class Attention(nn.Module):
             v = cache.values[layer][:, :, :start + t]
         gqa = self.num_heads != self.num_kv_heads
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
