@@ -43,6 +43,11 @@ from ..model import JanusModel
 from ..processing.chat import chat_format_for
 from .tasks import LossOutput, Task, transformer_activation_bytes
 
+# Generation images reach the frozen VQ encoder channels-last: oneDNN's bf16 convolutions then skip a
+# re-layout per layer (encoding about 1.9x faster on the CPU; benchmarks/train_step.py). The codes differ
+# from NCHW's only where bf16 rounding tips them, as they do between machines.
+GENERATION_PIXELS_FORMAT = torch.channels_last
+
 
 class JanusObjective(nn.Module):
     """Mixed-batch next-token loss of a JanusModel."""
@@ -67,9 +72,7 @@ class JanusObjective(nn.Module):
         embeds = embeds.masked_scatter(batch.image_mask[..., None], features.to(embeds.dtype))
         # By default encoding runs under the stage's precision (bf16 halves its cost on CPUs). bf16 flips
         # many codes of a small VQ, yet float32 codes scored worse for shapes-tiny (its model card).
-        # Channels-last input: oneDNN's bf16 convolutions skip a re-layout per layer (about 1.9x faster
-        # encoding on the CPU); the codes differ from NCHW's only by bf16 rounding, as between machines.
-        pixels = batch.generation_pixels.contiguous(memory_format=torch.channels_last)
+        pixels = batch.generation_pixels.contiguous(memory_format=GENERATION_PIXELS_FORMAT)
         precision = (torch.autocast(pixels.device.type, enabled=False) if self.fp32_image_codes
                      else contextlib.nullcontext())
         with torch.no_grad(), precision:
