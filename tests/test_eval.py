@@ -105,6 +105,28 @@ def test_ground_truth_images_score_one_and_blank_images_zero():
     assert empty["overall"] == 0.0 and empty["oracle_ceiling"]["overall"] >= 0.99
 
 
+def test_drawn_tallies_what_is_drawn_for_each_named_word():
+    right = shapes_geneval(FakePipe(truth), n_per_task=10, images_per_prompt=2, progress=False)
+    assert set(right["drawn"]) == {"single_object", "colors"}
+    for words in right["drawn"].values():  # ground truth draws every named word as itself
+        assert all(set(seen) == {word} for word, seen in words.items())
+    assert sum(sum(seen.values()) for seen in right["drawn"]["single_object"].values()) == 20
+
+    def squares_only(text, rng):  # every prompt drawn as one red square
+        scene = shapes.Scene(SIZE, (shapes.ShapeObject("square", "red", SIZE / 2, SIZE / 2, 0.13 * SIZE),))
+        return shapes.render(scene)
+
+    drawn = shapes_geneval(FakePipe(squares_only), n_per_task=10, images_per_prompt=2, progress=False)["drawn"]
+    assert all(set(seen) == {"square"} for seen in drawn["single_object"].values())
+    # colors: the colour of the named shape, so only prompts naming a square see red
+    square_prompts = sum(p.task == "colors" and p.spec["shapes"][0] == "square" for p in shapes.test_prompts(10))
+    assert 0 < square_prompts < 10
+    assert sum(seen.get("red", 0) for seen in drawn["colors"].values()) == 2 * square_prompts
+    assert sum(seen.get("none", 0) for seen in drawn["colors"].values()) == 2 * (10 - square_prompts)
+    empty = shapes_geneval(FakePipe(blank), n_per_task=10, images_per_prompt=2, progress=False)["drawn"]
+    assert all(set(seen) == {"none"} for words in empty.values() for seen in words.values())
+
+
 def test_overall_is_the_mean_of_task_scores():
     def only_single(text, rng):
         return truth(text, rng) if PROMPTS[text].task == "single_object" else blank(text, rng)

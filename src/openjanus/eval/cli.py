@@ -68,6 +68,10 @@ def shapes_geneval_command(
     rows = [[name, _score(scores.get(name)), _score(oracle.get(name)), _score(tokenizer.get(name))]
             for name in [*scores]]
     typer.echo(_table(["task", "model", "oracle", "tokenizer"], rows))
+    for task, words in report["drawn"].items():
+        typer.echo(f"{task}, largest object drawn per named word:")
+        for word, seen in words.items():
+            typer.echo(f"  {word:8s} " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items(), key=lambda kv: -kv[1])))
     passes = report["timing"]["forward_passes_per_batch"]
     _footer(report, f"{report['settings']['images']} images"
                     + (f" ({passes} forward passes per batch of {batch_size} prompts)" if passes else ""))

@@ -2,7 +2,9 @@
 
 Spec: shared/spec/shapes-world.md, sections 4 and 6. Every report carries two ceilings next to the
 model's score: the checker on ground-truth renders of scenes for the same prompts (oracle) and on
-those renders after a round trip through the model's own VQ tokenizer (tokenizer ceiling).
+those renders after a round trip through the model's own VQ tokenizer (tokenizer ceiling). It also
+tallies what the model draws for each named word (``drawn``, see ``tally_drawn``), which shows which
+words the model binds to the image and which it confuses.
 Prompts are generated in batches, each sampled with a seed derived from (seed, batch index), so a
 run is reproduced exactly by the same seed and batch size.
 """
@@ -35,6 +37,26 @@ GRID_FILE = "shapes_geneval_samples.png"
 GRID_PROMPTS_PER_TASK = 2
 # Ceiling scenes use their own fixed stream, so ceilings never depend on the sampling seed.
 CEILING_SEED = 4_000_037
+NOTHING_DRAWN = "none"
+
+
+def tally_drawn(drawn: dict, prompt: shapes.GenPrompt, objects: list[shapes.DetectedObject]) -> None:
+    """Tally what the image shows for the prompt's one named word (single_object and colors prompts).
+
+    single_object: the shape of the largest object. colors: the colour of the largest object of the
+    named shape. ``none`` when there is no such object.
+    """
+    if prompt.task == "single_object":
+        word, attribute = prompt.spec["shapes"][0], "shape"
+    elif prompt.task == "colors":
+        word, attribute = prompt.spec["colors"][0], "color"
+        objects = [o for o in objects if o.shape == prompt.spec["shapes"][0]]
+    else:
+        return
+    largest = max(objects, key=lambda o: o.area, default=None)
+    seen = NOTHING_DRAWN if largest is None else getattr(largest, attribute)
+    row = drawn.setdefault(prompt.task, {}).setdefault(word, {})
+    row[seen] = row.get(seen, 0) + 1
 
 
 def ground_truth_renders(prompts: list[shapes.GenPrompt], size: int) -> list[Image.Image]:
@@ -59,6 +81,7 @@ def shapes_geneval(pipe: Any, n_per_task: int = 100, images_per_prompt: int = 4,
     shown = {t * n_per_task + j for t in range(len(shapes.TASKS)) for j in range(per_task)}
 
     verdicts: list[list[bool]] = []
+    drawn: dict[str, dict[str, dict[str, int]]] = {}
     grid_rows: list[tuple[str, list[Cell]]] = []
     scoring_s = 0.0
     forward_passes: list[int] = []
@@ -69,7 +92,10 @@ def shapes_geneval(pipe: Any, n_per_task: int = 100, images_per_prompt: int = 4,
         tick = time.perf_counter()
         for index, images in zip(chunk, images_per):
             prompt = prompts[index]
-            verdicts.append([shapes.score_image(image, prompt) for image in images])
+            detections = [shapes.detect_objects(image) for image in images]
+            verdicts.append([shapes.score_detections(objects, prompt) for objects in detections])
+            for objects in detections:
+                tally_drawn(drawn, prompt, objects)
             if index in shown:
                 cells = [Cell(image, correct=ok) for image, ok in zip(images, verdicts[-1])]
                 grid_rows.append((f"{prompt.task}: {prompt.text}", cells))
@@ -84,6 +110,8 @@ def shapes_geneval(pipe: Any, n_per_task: int = 100, images_per_prompt: int = 4,
         "counts": counts(tasks, flat, shapes.TASKS),
     }
     report["overall"] = report["scores"]["overall"]
+    report["drawn"] = {task: {word: dict(sorted(row.items())) for word, row in sorted(words.items())}
+                       for task, words in drawn.items()}
 
     tick = time.perf_counter()
     renders = ground_truth_renders(prompts, size)
