@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -179,6 +180,23 @@ def test_vqa_right_answers_score_one_and_constant_yes_matches_the_data():
         assert yes["scores"][family] == pytest.approx(share) == pytest.approx(yes["expected_yes_ratio"][family])
     assert all(yes["scores"][f] == 0.0 for f in ("count_all", "count_shape", "color_of", "shape_of"))
     assert yes["overall"] == pytest.approx(np.mean([yes["scores"][f] for f in shapes.QUESTION_FAMILIES]))
+
+
+def test_vqa_answered_tallies_each_expected_answer():
+    pairs = shapes.test_questions(8, size=SIZE)
+    expected = {(shapes.render(scene).tobytes(), q.text): q.answer for scene, q in pairs}
+    right = shapes_vqa(FakePipe(reply=lambda image, text: expected[image.tobytes(), text].upper() + "!"),
+                       n_per_family=8, progress=False)["answered"]
+    assert set(right) == {"count_all", "count_shape", "color_of", "shape_of"}  # not the yes/no families
+    for rows in right.values():
+        assert all(set(seen) == {answer} for answer, seen in rows.items())
+        assert sum(sum(seen.values()) for seen in rows.values()) == 8
+
+    circle = shapes_vqa(FakePipe(reply=lambda image, text: "circle"), n_per_family=8, progress=False)["answered"]
+    truth = Counter(q.answer for _, q in pairs if q.family == "shape_of")
+    assert circle["shape_of"] == {answer: {"circle": n} for answer, n in truth.items()}
+    empty = shapes_vqa(FakePipe(reply=lambda image, text: " "), n_per_family=2, progress=False)["answered"]
+    assert all(set(seen) == {""} for seen in empty["color_of"].values())
 
 
 # ---------------------------------------------------------------------------

@@ -68,10 +68,7 @@ def shapes_geneval_command(
     rows = [[name, _score(scores.get(name)), _score(oracle.get(name)), _score(tokenizer.get(name))]
             for name in [*scores]]
     typer.echo(_table(["task", "model", "oracle", "tokenizer"], rows))
-    for task, words in report["drawn"].items():
-        typer.echo(f"{task}, largest object drawn per named word:")
-        for word, seen in words.items():
-            typer.echo(f"  {word:8s} " + ", ".join(f"{k} {v}" for k, v in sorted(seen.items(), key=lambda kv: -kv[1])))
+    _confusions(report["drawn"], "largest object drawn per named word")
     passes = report["timing"]["forward_passes_per_batch"]
     _footer(report, f"{report['settings']['images']} images"
                     + (f" ({passes} forward passes per batch of {batch_size} prompts)" if passes else ""))
@@ -100,6 +97,7 @@ def shapes_vqa_command(
     rows = [[name, _score(value), _score(yes.get(name)) if name != "overall" else "-",
              _score(expected.get(name)) if name != "overall" else "-"] for name, value in report["scores"].items()]
     typer.echo(_table(["family", "accuracy", "yes", "yes expected"], rows))
+    _confusions(report["answered"], "answers per expected answer")
     _footer(report, f"{report['settings']['questions']} questions")
 
 
@@ -143,6 +141,15 @@ def shapes_metadata_command(
 
     metadata = shapes_geneval_metadata(n_per_task)
     typer.echo(f"wrote {len(metadata)} prompts to {write_metadata(out, metadata)}")
+
+
+def _confusions(tallies: dict[str, dict[str, dict[str, int]]], what: str) -> None:
+    """Print {group: {expected: {seen: count}}}, most frequent first ("" shows as (empty))."""
+    for group, rows in tallies.items():
+        typer.echo(f"{group}, {what}:")
+        for expected, seen in rows.items():
+            ordered = sorted(seen.items(), key=lambda kv: -kv[1])
+            typer.echo(f"  {expected:8s} " + ", ".join(f"{k or '(empty)'} {v}" for k, v in ordered))
 
 
 def _footer(report: dict, what: str) -> None:

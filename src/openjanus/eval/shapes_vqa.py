@@ -2,7 +2,8 @@
 
 Spec: shared/spec/shapes-world.md, section 5. Accuracy per question family, ``overall`` as the mean
 of families, and the share of "yes" answers for the yes/no families (a model that always says yes
-scores the share of yes questions there).
+scores the share of yes questions there). ``answered`` tallies, for the families with word answers,
+which answer each expected answer got (a confusion table: which shapes, colours or counts it mixes up).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def shapes_vqa(pipe: Any, n_per_family: int = 100, batch_size: int = 16, max_new
                                          [f for f in families if f in YES_NO_FAMILIES]),
     }
     report["overall"] = report["scores"]["overall"]
+    report["answered"] = _answered(questions, answers)
     report["settings"] = {
         "n_per_family": n_per_family, "questions": len(pairs), "batch_size": batch_size,
         "max_new_tokens": max_new_tokens, "temperature": 0.0, "image_size": size, "question_split": "test",
@@ -81,6 +83,19 @@ def shapes_vqa(pipe: Any, n_per_family: int = 100, batch_size: int = 16, max_new
         report["files"] = {"report": str(out / REPORT_FILE), "grid": str(out / GRID_FILE)}
         write_json(out / REPORT_FILE, report)
     return report
+
+
+def _answered(questions: list[shapes.Question], answers: list[str]) -> dict[str, dict[str, dict[str, int]]]:
+    """Per family with word answers: expected answer -> {answer's first word: count} ("" for no answer)."""
+    tally: dict[str, dict[str, dict[str, int]]] = {}
+    for question, answer in zip(questions, answers):
+        if question.family in YES_NO_FAMILIES:
+            continue
+        row = tally.setdefault(question.family, {}).setdefault(question.answer, {})
+        word = shapes.answer_word(answer)
+        row[word] = row.get(word, 0) + 1
+    return {family: {expected: dict(sorted(row.items())) for expected, row in sorted(rows.items())}
+            for family, rows in tally.items()}
 
 
 def _yes_ratio(answers: list[str], families: list[str]) -> dict[str, float]:

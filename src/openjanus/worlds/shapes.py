@@ -563,12 +563,16 @@ def questions_for_scene(rng: np.random.Generator, scene: Scene, vocab: Vocabular
     return [q for q in questions if q is not None]
 
 
+def answer_word(answer_text: str) -> str:
+    """The answer's first word, lower-cased and without punctuation ("" for an empty answer)."""
+    words = answer_text.split()
+    return words[0].lower().strip(string.punctuation) if words else ""
+
+
 def score_answer(answer_text: str, expected: str) -> bool:
     """True when the answer's first word, lower-cased and without punctuation, is expected."""
-    words = answer_text.split()
-    if not words:
-        return False
-    return words[0].lower().strip(string.punctuation) == expected.lower()
+    word = answer_word(answer_text)
+    return bool(word) and word == expected.lower()
 
 
 # ---------------------------------------------------------------------------
