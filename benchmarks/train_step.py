@@ -30,7 +30,7 @@ from openjanus.model.kernels import attention
 from openjanus.processing.tokenizer import JanusTokenizer
 from openjanus.train.config import load_recipe
 from openjanus.train.distributed import DistributedContext
-from openjanus.train.runner import _stage_trainer, prepare_tokenizer
+from openjanus.train.runner import prepare_tokenizer, stage_trainer
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "shapes-tiny.yaml"
 VARIANTS = {  # name: (attention function, generation pixels' memory format)
@@ -65,7 +65,7 @@ def main() -> None:
     context = DistributedContext()
     with tempfile.TemporaryDirectory() as run_dir:
         tokenizer = JanusTokenizer.from_file(prepare_tokenizer(recipe, Path(run_dir), context, resume=False))
-        trainers = {name: _stage_trainer(recipe, index, Path(run_dir) / str(i), tokenizer, context, lambda _: None)
+        trainers = {name: stage_trainer(recipe, index, Path(run_dir) / str(i), tokenizer, context, lambda _: None)
                     for i, name in enumerate(VARIANTS)}
         seconds = {name: [] for name in VARIANTS}
         for block in range(args.blocks + 1):  # block 0 warms up

@@ -186,7 +186,7 @@ def run_stage(recipe: RecipeConfig, index: int, run_dir: Path, tokenizer: JanusT
     threads = torch.get_num_threads()
     torch.set_num_threads(runtime.threads or threads)
     try:
-        trainer = _stage_trainer(recipe, index, run_dir, tokenizer, context, echo)
+        trainer = stage_trainer(recipe, index, run_dir, tokenizer, context, echo)
         result = trainer.run(resume, max_steps)
         trained = trainer.export_model()
     finally:
@@ -202,7 +202,7 @@ def run_stage(recipe: RecipeConfig, index: int, run_dir: Path, tokenizer: JanusT
     return output_dir
 
 
-def _stage_trainer(recipe: RecipeConfig, index: int, run_dir: Path, tokenizer: JanusTokenizer,
+def stage_trainer(recipe: RecipeConfig, index: int, run_dir: Path, tokenizer: JanusTokenizer,
                    context: DistributedContext, echo: Callable[[str], None]) -> StageTrainer:
     """The stage's starting model, its task and the trainer around them."""
     stage = recipe.stages[index]
