@@ -65,6 +65,18 @@ def test_examples_are_a_function_of_seed_and_index():
     assert world.score_image(example.image, prompt)  # the render satisfies its own prompt
 
 
+def test_generation_prompts_can_be_restricted_to_one_geneval_task():
+    singles = ShapesGeneration(0, 128, {"single_object": 1.0})
+    texts = {singles[i].prompt for i in range(30)}
+    assert texts == {f"a photo of {world.with_article(s)}" for s in world.SHAPES}
+    assert all(len(world.detect_objects(singles[i].image)) == 1 for i in range(10))
+    mixed = ShapesGeneration(0, 128, {"caption": 1.0, "counting": 1.0})
+    prompts = [mixed[i].prompt for i in range(40)]
+    counting = [p for p in prompts if p.startswith("a photo of ")]
+    assert 5 < len(counting) < 35 and all(p.split()[3] in ("two", "three", "four") for p in counting)
+    assert all(world.parse_caption(p) for p in prompts if p not in counting)  # the rest are dense captions
+
+
 def test_understanding_loss_is_on_the_answer_only_and_the_prompt_matches_inference(tokenizer):
     example = ShapesUnderstanding(0, 128, {"vqa": 1.0})[4]
     sample = encode_conversation(tokenizer, FMT, example, image_tokens=64)

@@ -20,7 +20,8 @@ from ..worlds import shapes as world
 STREAMS = {"images": 1, "captions": 2, "understanding": 3, "generation": 4, "text": 5, "caption_drop": 6,
            "evaluation": 7}
 UNDERSTANDING_TASKS = ("caption", "vqa")
-GENERATION_PROMPTS = ("geneval", "caption")
+# "geneval": a prompt of any of the six tasks; a task name: prompts of that task only; "caption": dense captions.
+GENERATION_PROMPTS = ("geneval", "caption", *world.TASKS)
 TEXT_STYLES = ("plain", "chat")
 DESCRIBE_QUESTION = "Describe the image."
 SCENE_SIZE = world.MIN_SIZE
@@ -124,19 +125,20 @@ class ShapesUnderstanding:
 
 
 class ShapesGeneration:
-    """Text-to-image pairs: shapes-GenEval prompts ("geneval") or dense captions ("caption")."""
+    """Text-to-image pairs: shapes-GenEval prompts ("geneval", or one task by name) or dense captions ("caption")."""
 
     def __init__(self, seed: int, image_size: int, prompts: Mapping[str, float], split: str = "train"):
         self.seed, self.image_size, self.prompts, self.split = seed, image_size, dict(prompts), split
 
     def __getitem__(self, index: int) -> GenerationExample:
         rng = example_rng(self.seed, "generation", index, self.split)
-        if choose(rng, self.prompts) == "geneval":
-            prompt = world.sample_prompt(rng, world.TASKS[int(rng.integers(len(world.TASKS)))])
-            scene, text = world.scene_for_prompt(rng, prompt, SCENE_SIZE), prompt.text
-        else:
+        source = choose(rng, self.prompts)
+        if source == "caption":
             scene = world.sample_scene(rng, SCENE_SIZE)
-            text = world.caption(scene)
+            return GenerationExample(world.caption(scene), render_scene(scene, self.image_size))
+        task = world.TASKS[int(rng.integers(len(world.TASKS)))] if source == "geneval" else source
+        prompt = world.sample_prompt(rng, task)
+        scene, text = world.scene_for_prompt(rng, prompt, SCENE_SIZE), prompt.text
         return GenerationExample(text, render_scene(scene, self.image_size))
 
 

@@ -102,6 +102,7 @@ class DataSection:
     eval_images: int = 60  # vq: held-out renders for PSNR and the checker (10 per GenEval task)
     ratios: dict[str, float] = field(default_factory=lambda: {"understanding": 1.0, "generation": 1.0})
     understanding: dict[str, float] = field(default_factory=lambda: {"caption": 1.0, "vqa": 1.0})
+    # janus text-to-image sources: geneval (all six tasks), one task by name (e.g. single_object), caption
     generation: dict[str, float] = field(default_factory=lambda: {"geneval": 1.0})
     text_style: str = "plain"  # plain | chat
     caption_drop: float = 0.1  # probability that a text-to-image prompt is replaced by pads (guidance)
