@@ -135,10 +135,11 @@ class ShapesGeneration:
         source = choose(rng, self.prompts)
         if source == "caption":
             scene = world.sample_scene(rng, SCENE_SIZE)
-            return GenerationExample(world.caption(scene), render_scene(scene, self.image_size))
-        task = world.TASKS[int(rng.integers(len(world.TASKS)))] if source == "geneval" else source
-        prompt = world.sample_prompt(rng, task)
-        scene, text = world.scene_for_prompt(rng, prompt, SCENE_SIZE), prompt.text
+            text = world.caption(scene)
+        else:
+            task = world.TASKS[int(rng.integers(len(world.TASKS)))] if source == "geneval" else source
+            prompt = world.sample_prompt(rng, task)
+            scene, text = world.scene_for_prompt(rng, prompt, SCENE_SIZE), prompt.text
         return GenerationExample(text, render_scene(scene, self.image_size))
 
 
