@@ -26,6 +26,7 @@ from openjanus.data import (
     encode_generation,
     encode_text,
 )
+from openjanus.data.shapes import DESCRIBE_QUESTION
 from openjanus.data.tokenizer import SPECIAL_TOKENS
 from openjanus.generation import unconditional_ids
 from openjanus.processing.chat import chat_format_for
@@ -75,6 +76,16 @@ def test_generation_prompts_can_be_restricted_to_one_geneval_task():
     counting = [p for p in prompts if p.startswith("a photo of ")]
     assert 5 < len(counting) < 35 and all(p.split()[3] in ("two", "three", "four") for p in counting)
     assert all(world.parse_caption(p) for p in prompts if p not in counting)  # the rest are dense captions
+
+
+def test_understanding_questions_can_be_restricted_to_one_family():
+    shapes_asked = ShapesUnderstanding(0, 128, {"shape_of": 1.0})
+    answers = {shapes_asked[i].messages[1]["content"] for i in range(20)}
+    assert answers <= set(world.SHAPES) and len(answers) > 1
+    mixed = ShapesUnderstanding(0, 128, {"caption": 1.0, "count_shape": 1.0})
+    questions = [mixed[i].messages[0]["content"] for i in range(40)]
+    counted = [q for q in questions if q != DESCRIBE_QUESTION]
+    assert 5 < len(counted) < 35 and all(q.startswith("How many") for q in counted)
 
 
 def test_understanding_loss_is_on_the_answer_only_and_the_prompt_matches_inference(tokenizer):

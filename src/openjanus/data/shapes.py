@@ -19,7 +19,8 @@ from ..worlds import shapes as world
 # One random stream per purpose, so that adding a kind of data never changes another's examples.
 STREAMS = {"images": 1, "captions": 2, "understanding": 3, "generation": 4, "text": 5, "caption_drop": 6,
            "evaluation": 7}
-UNDERSTANDING_TASKS = ("caption", "vqa")
+# "vqa": a question of any of the six families; a family name: questions of that family only; "caption": captions.
+UNDERSTANDING_TASKS = ("caption", "vqa", *world.QUESTION_FAMILIES)
 # "geneval": a prompt of any of the six tasks; a task name: prompts of that task only; "caption": dense captions.
 GENERATION_PROMPTS = ("geneval", "caption", *world.TASKS)
 TEXT_STYLES = ("plain", "chat")
@@ -107,18 +108,19 @@ class ShapesCaptions:
 
 
 class ShapesUnderstanding:
-    """Chat-formatted questions about a scene: dense captions ("caption") and shapes-VQA ("vqa")."""
+    """Chat-formatted questions about a scene: dense captions ("caption") and shapes-VQA ("vqa", or one family)."""
 
     def __init__(self, seed: int, image_size: int, tasks: Mapping[str, float], split: str = "train"):
         self.seed, self.image_size, self.tasks, self.split = seed, image_size, dict(tasks), split
 
     def __getitem__(self, index: int) -> ConversationExample:
         rng = example_rng(self.seed, "understanding", index, self.split)
-        if choose(rng, self.tasks) == "caption":
+        task = choose(rng, self.tasks)
+        if task == "caption":
             scene = world.sample_scene(rng, SCENE_SIZE)
             question, answer = DESCRIBE_QUESTION, world.caption(scene)
         else:
-            scene, asked = scene_with_question(rng)
+            scene, asked = scene_with_question(rng, None if task == "vqa" else task)
             question, answer = asked.text, asked.answer
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         return ConversationExample(messages, [render_scene(scene, self.image_size)])
